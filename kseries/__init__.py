@@ -1,0 +1,1 @@
+"""kseries: one kernel patch series, from data to ready to mail, built and proven."""
