@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install what the toolkit needs on a fresh Debian machine: system packages and a venv.
+# Safe to run again: apt and pip skip what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    git perl xz-utils dpkg ca-certificates debian-archive-keyring  # tree import, checkpatch
+    gcc make flex bison bc libelf-dev libssl-dev cpio rsync ccache  # kernel builds
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "ci/install.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+# pip's stderr is noisy here (local index warnings); show it only when pip fails.
+pip_log=$(mktemp)
+trap 'rm -f "$pip_log"' EXIT
+if ! .venv/bin/python -m pip install -q -e '.[test]' 2>"$pip_log"; then
+    cat "$pip_log" >&2
+    exit 1
+fi

@@ -1,0 +1,357 @@
+"""Put the series on a fresh, versioned branch at the fetched base, with `git am -3`.
+
+A run is a small state machine kept in .git/kseries/rebase.json: start, then either done,
+or stopped on a conflict until `--continue` or `--abort`. The state records how the tree
+was before the run, so `--abort` restores branch and HEAD exactly, and a failure that is not
+a conflict restores them by itself.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate
+from pathlib import Path
+
+from rich.table import Table
+
+from kseries import trailers
+from kseries.changelog import Changelog, Message
+from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
+from kseries.series import Series
+
+STATE_DIR = "kseries"
+ATTEMPTS = "refs/kseries/attempts"
+CONFLICT_RE = re.compile(r"^error: patch failed: (?P<file>\S+):(?P<line>\d+)$", re.M)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class State:
+    """How the tree was before the run, and what the run has changed so far."""
+
+    branch: str
+    base: str
+    original_head: str
+    old_tip: str | None
+    old_base: str | None
+    backup_ref: str | None
+    started: float
+    patches: int
+
+    @classmethod
+    def path(cls, tree: WorkTree) -> Path:
+        return tree.git_path(f"{STATE_DIR}/rebase.json")
+
+    @classmethod
+    def load(cls, tree: WorkTree) -> State | None:
+        path = cls.path(tree)
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+    def save(self, tree: WorkTree) -> None:
+        path = self.path(tree)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def clear(self, tree: WorkTree) -> None:
+        self.path(tree).unlink(missing_ok=True)
+
+
+@dataclass
+class Result:
+    """What a finished rebase made; also written as .git/kseries/<branch>.json."""
+
+    branch: str
+    base: str
+    base_describe: str
+    commits: list[tuple[str, str]]
+    seconds: float
+    backup_ref: str | None = None
+    range_diff: str = ""
+
+
+class ConflictError(ToolkitError):
+    """`git am -3` stopped on a patch; the state is kept for --continue or --abort."""
+
+    def __init__(
+        self,
+        tree: WorkTree,
+        patch: str,
+        files: list[str],
+        hunks: list[str],
+        no_merge_base: str = "",
+    ) -> None:
+        lines = [f"{patch} does not apply on the base in {tree.path}"]
+        lines += [f"  conflict: {hunk}" for hunk in hunks] or [f"  file: {f}" for f in files]
+        lines.append("next:")
+        if no_merge_base:
+            lines.append(
+                f"  no three-way merge was possible: git -C {tree.path} apply --reject "
+                f"{no_merge_base}, then fix each .rej hunk by hand"
+            )
+        else:
+            lines.append("  edit the files to resolve the conflict markers")
+        lines += [
+            f"  git -C {tree.path} add {' '.join(files)}",
+            "  invoke rebase --continue      (or: invoke rebase --abort to undo the whole run)",
+        ]
+        super().__init__("\n".join(lines))
+        self.files = files
+        self.hunks = hunks
+
+
+def committer_env(series: Series) -> dict[str, str]:
+    """The submitter applies the series, whatever the machine's git identity is."""
+    who = series.submitter
+    return {"GIT_COMMITTER_NAME": who.name, "GIT_COMMITTER_EMAIL": who.email}
+
+
+def mbox(series: Series, messages: list[Message]) -> str:
+    """One mbox holding every patch, each with its real author, date and rendered message."""
+    mails = []
+    for patch, message in zip(series.patches, messages, strict=True):
+        mail = EmailMessage(policy=email.policy.default.clone(max_line_length=0))
+        mail["From"] = formataddr((patch.author.name, patch.author.email))
+        mail["Date"] = patch.date or formatdate(localtime=True)
+        mail["Subject"] = message.subject
+        body = f"{message.body}\n\n" + "\n".join(str(t) for t in message.trailers)
+        mail.set_content(f"{body}\n---\n{patch.diff.read_text()}", cte="8bit")
+        mails.append(
+            "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+            + mail.as_string()
+        )
+    return "\n".join(mails)
+
+
+class Rebase:
+    """One series onto one tree: start, continue or abort a run."""
+
+    def __init__(self, tree: WorkTree, series: Series, log: Log = print) -> None:
+        self.tree = tree
+        self.series = series
+        self.log = log
+        self.env = committer_env(series)
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(self, *, remote: str, branch: str, fetch: bool = True) -> Result:
+        started = time.monotonic()
+        changelog = Changelog(self.series)
+        messages = changelog.messages()  # renders and checks every trailer before git runs
+        cover = changelog.cover_letter()
+        if State.load(self.tree):
+            raise ToolkitError(
+                f"{self.tree.path}: a kseries rebase is already in progress",
+                "invoke rebase --continue, or invoke rebase --abort",
+            )
+        self.tree.require_clean()
+        if remote not in self.tree.remotes():
+            raise ToolkitError(
+                f"{self.tree.path}: no remote named '{remote}'",
+                f"git -C {self.tree.path} remote add {remote} {self.series.base.url}",
+            )
+        tracking = f"refs/remotes/{remote}/{branch}"
+        if fetch:
+            self.log(f"fetching {remote} {branch}")
+            self.tree.git(
+                "fetch", "--no-tags", "--quiet", remote, f"+refs/heads/{branch}:{tracking}"
+            )
+        base = self.tree.rev(tracking)
+        if base is None:
+            raise ToolkitError(
+                f"{self.tree.path}: {tracking} does not exist",
+                f"run without --no-fetch, or check that {remote} has '{branch}'",
+            )
+        target = self.series.branch
+        old_tip = self.tree.rev(f"refs/heads/{target}")
+        state = State(
+            branch=target,
+            base=base,
+            original_head=self.tree.head(),
+            old_tip=old_tip,
+            old_base=self._recorded_base(target) if old_tip else None,
+            backup_ref=None,
+            started=time.time(),
+            patches=len(messages),
+        )
+        mbox_path = self.tree.git_path(f"{STATE_DIR}/series.mbox")
+        mbox_path.parent.mkdir(parents=True, exist_ok=True)
+        mbox_path.write_text(mbox(self.series, messages))
+        state.save(self.tree)
+        try:
+            if old_tip:
+                state.backup_ref = self._backup(target, old_tip)
+                state.save(self.tree)
+            self.tree.git("checkout", "--quiet", "-B", target, base)
+            self.log(f"applying {len(messages)} patches on {base[:12]} as {target}")
+            self._am("-3", "--keep", "--no-scissors", str(mbox_path))
+        except ConflictError:
+            raise
+        except BaseException:
+            self.abort()
+            raise
+        return self._finish(state, cover, started)
+
+    # -- continue and abort ----------------------------------------------------------------
+
+    def resume(self) -> Result:
+        started = time.monotonic()
+        state = self._state()
+        if self.tree.git_path("rebase-apply").exists():
+            self._am("--continue")
+        return self._finish(state, Changelog(self.series).cover_letter(), started)
+
+    def abort(self) -> None:
+        """Put branch, HEAD and work tree back exactly as they were before the run."""
+        state = self._state()
+        if self.tree.git_path("rebase-apply").exists():
+            self.tree.git("am", "--abort")
+        # The run began on a clean tree, so whatever the merge left behind is ours to drop.
+        self.tree.git("reset", "--hard", "--quiet")
+        if state.old_tip:  # detach first, so moving the branch back leaves the work tree alone
+            self.tree.git("checkout", "--quiet", "--detach")
+            self.tree.git("update-ref", f"refs/heads/{state.branch}", state.old_tip)
+        if state.original_head.startswith("refs/heads/"):
+            self.tree.git("checkout", "--quiet", state.original_head.removeprefix("refs/heads/"))
+        else:
+            self.tree.git("checkout", "--quiet", "--detach", state.original_head)
+        if not state.old_tip and self.tree.rev(f"refs/heads/{state.branch}"):
+            self.tree.git("branch", "--quiet", "-D", state.branch)
+        if state.backup_ref:
+            self.tree.git("update-ref", "-d", state.backup_ref)
+        state.clear(self.tree)
+        self.log(f"aborted: {self.tree.path} is back on {state.original_head}")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _state(self) -> State:
+        state = State.load(self.tree)
+        if state is None:
+            raise ToolkitError(
+                f"{self.tree.path}: no kseries rebase in progress", "start one with: invoke rebase"
+            )
+        return state
+
+    def _am(self, *args: str) -> None:
+        status, out, err = self.tree.try_git("am", *args, env=self.env)
+        if status == 0:
+            return
+        if not self.tree.git_path("rebase-apply").exists():
+            raise ToolkitError(
+                f"{self.tree.path}: git am failed: {err.strip() or out.strip()}",
+                "see git am's message above",
+            )
+        number = int(self.tree.git_path("rebase-apply/next").read_text())
+        patch = self.series.patches[number - 1]
+        unmerged = self.tree.git("diff", "--name-only", "--diff-filter=U").split()
+        if unmerged:  # a three-way merge left conflict markers
+            hunks = [
+                f"{name}:{n}"
+                for name in unmerged
+                for n, line in enumerate(self._lines(name), 1)
+                if line.startswith("<<<<<<<")
+            ]
+            raise ConflictError(self.tree, patch.label, unmerged, hunks)
+        # No three-way merge was possible (the patch's blobs are not in this repository):
+        # ask git apply which hunks fail, so the report still names them.
+        current = str(self.tree.git_path("rebase-apply/patch"))
+        _, _, check = self.tree.try_git("apply", "--check", current)
+        hunks = [f"{m['file']}:{m['line']}" for m in CONFLICT_RE.finditer(check)]
+        if not hunks:  # `--continue` with the conflicts still unresolved, or another am error
+            raise ToolkitError(
+                f"{self.tree.path}: git am: {(err or out).strip().splitlines()[0]}",
+                f"git -C {self.tree.path} add the resolved files, then --continue",
+            )
+        files = sorted({hunk.rsplit(":", 1)[0] for hunk in hunks})
+        raise ConflictError(self.tree, patch.label, files, hunks, no_merge_base=current)
+
+    def _lines(self, name: str) -> list[str]:
+        return (self.tree.path / name).read_text(errors="replace").splitlines()
+
+    def _backup(self, branch: str, tip: str) -> str:
+        existing = self.tree.git("for-each-ref", "--format=%(refname)", f"{ATTEMPTS}/{branch}/")
+        numbers = [
+            int(r.rsplit("/", 1)[1]) for r in existing.split() if r.rsplit("/", 1)[1].isdigit()
+        ]
+        ref = f"{ATTEMPTS}/{branch}/{max(numbers, default=0) + 1}"
+        self.tree.git("update-ref", ref, tip)
+        return ref
+
+    def _record_path(self, branch: str) -> Path:
+        return self.tree.git_path(f"{STATE_DIR}/{branch}.json")
+
+    def _recorded_base(self, branch: str) -> str | None:
+        path = self._record_path(branch)
+        return json.loads(path.read_text())["base"] if path.exists() else None
+
+    def _finish(self, state: State, cover: Message, started: float) -> Result:
+        """Check what git made, describe the branch, compare with the last attempt."""
+        log = self.tree.git(
+            "log",
+            "--reverse",
+            "--format=%H%x00%an <%ae>%x00%B%x01",
+            f"{state.base}..{state.branch}",
+        )
+        entries = [e.strip("\n").split("\0") for e in log.split("\x01") if e.strip()]
+        if len(entries) != state.patches:
+            raise ToolkitError(
+                f"{self.tree.path}: {state.branch} has {len(entries)} commits on the base, "
+                f"expected {state.patches}",
+                "a patch was skipped or added by hand: invoke rebase --abort and start over",
+            )
+        for (sha, author, body), patch in zip(entries, self.series.patches, strict=True):
+            trailers.check(
+                trailers.parse(body),
+                author=author,
+                submitter=self.series.submitter.ident,
+                where=f"{state.branch} {sha[:12]} ({patch.label})",
+            )
+        self.tree.git(
+            "config", f"branch.{state.branch}.description", f"{cover.subject}\n\n{cover.body}\n"
+        )
+        range_diff = ""
+        if state.old_tip:
+            old_base = (
+                state.old_base or self.tree.git("merge-base", state.old_tip, state.base).strip()
+            )
+            range_diff = self.tree.git(
+                "range-diff",
+                "--no-color",
+                f"{old_base}..{state.old_tip}",
+                f"{state.base}..{state.branch}",
+            )
+        result = Result(
+            branch=state.branch,
+            base=state.base,
+            base_describe=self.tree.git("describe", "--tags", "--always", state.base).strip(),
+            commits=[(sha, body.split("\n", 1)[0]) for sha, _, body in entries],
+            seconds=round(time.monotonic() - started, 2),
+            backup_ref=state.backup_ref,
+            range_diff=range_diff,
+        )
+        self._record_path(state.branch).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        state.clear(self.tree)
+        return result
+
+
+def summary(result: Result) -> Table:
+    """The rebase's summary: base, each new commit, where the last attempt went, time."""
+    table = Table(
+        title=f"{result.branch}  ({result.seconds:.1f} s)",
+        title_justify="left",
+        show_header=False,
+        box=None,
+    )
+    table.add_row("base", f"{result.base[:12]} ({result.base_describe})")
+    for number, (sha, subject) in enumerate(result.commits, start=1):
+        table.add_row(f"{number}/{len(result.commits)}", f"{sha[:12]} {subject}")
+    if result.backup_ref:
+        table.add_row("previous", f"{result.backup_ref} (range-diff below)")
+    return table

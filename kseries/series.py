@@ -1,0 +1,271 @@
+"""The series as data: people, the base it goes on, and its patches in order.
+
+Each patch is a diff in patches/ plus facts from configs/series.toml (author, co-developers,
+who suggested it, links, which template writes its changelog). Loading checks everything a
+later stage relies on, so a bad definition fails before git is touched.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kseries.config import Config
+from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
+
+IDENT_RE = re.compile(r"^(?P<name>[^<>@\s][^<>@]*?) <(?P<email>[^<>\s@]+@[^<>\s@]+\.[^<>\s@]+)>$")
+PERSON_FIELDS = ("suggested_by", "reported_by", "acked_by", "reviewed_by", "tested_by")
+
+
+@dataclass(frozen=True)
+class Person:
+    key: str
+    name: str
+    email: str
+
+    @property
+    def ident(self) -> str:
+        """The "Name <email>" form trailers and From: lines use."""
+        return f"{self.name} <{self.email}>"
+
+
+@dataclass(frozen=True)
+class Base:
+    """Where the series goes: a remote (its name and canonical URL) and a branch on it."""
+
+    remote: str
+    url: str
+    branch: str
+
+    @property
+    def tracking_ref(self) -> str:
+        return f"refs/remotes/{self.remote}/{self.branch}"
+
+
+@dataclass(frozen=True)
+class Patch:
+    number: int
+    template: str
+    diff: Path
+    author: Person
+    co_developers: tuple[Person, ...] = ()
+    suggested_by: tuple[Person, ...] = ()
+    reported_by: tuple[Person, ...] = ()
+    acked_by: tuple[Person, ...] = ()
+    reviewed_by: tuple[Person, ...] = ()
+    tested_by: tuple[Person, ...] = ()
+    links: tuple[str, ...] = ()
+    extra_trailers: tuple[str, ...] = ()
+    date: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How errors name the patch: its number and diff file."""
+        return f"patch {self.number} ({self.diff.name})"
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    version: int
+    submitter: Person
+    base: Base
+    patches: tuple[Patch, ...]
+    people: dict[str, Person]
+    cover_template: str
+    templates_dir: Path
+    patches_dir: Path
+    source: Path
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def branch(self) -> str:
+        """The versioned branch the series lives on, e.g. name-v2."""
+        return f"{self.name}-v{self.version}"
+
+    @property
+    def subject_prefix(self) -> str:
+        return "PATCH" if self.version == 1 else f"PATCH v{self.version}"
+
+
+class _Reader:
+    """Reads one series.toml table by table, so every error names the file and key."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.source = config.directory / "series.toml"
+
+    def fail(self, where: str, problem: str, hint: str) -> ToolkitError:
+        return ToolkitError(f"{self.source}: {where}: {problem}", hint)
+
+    def string(self, table: dict[str, Any], key: str, where: str) -> str:
+        value = table.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, f"'{key}' must be a non-empty string", f'set {key} = "..."')
+        return value
+
+    def people(self) -> dict[str, Person]:
+        people: dict[str, Person] = {}
+        seen: dict[str, str] = {}
+        for key, entry in self.config.table("people").items():
+            where = f"[people.{key}]"
+            if not isinstance(entry, dict):
+                raise self.fail(where, "must be a table", 'name = "..." and email = "..."')
+            person = Person(
+                key, self.string(entry, "name", where), self.string(entry, "email", where)
+            )
+            if not IDENT_RE.match(person.ident):
+                raise self.fail(
+                    where,
+                    f"'{person.ident}' is not a well-formed identity",
+                    "use a real name (no <, > or @) and an address like user@example.org",
+                )
+            address = person.email.lower()
+            if address in seen:
+                raise self.fail(
+                    where,
+                    f"{person.email} is also [people.{seen[address]}]",
+                    "list each person once and refer to them by key",
+                )
+            seen[address] = key
+            people[key] = person
+        return people
+
+    def person(self, people: dict[str, Person], key: Any, where: str) -> Person:
+        if not isinstance(key, str) or key not in people:
+            raise self.fail(
+                where,
+                f"unknown person {key!r}",
+                f"add [people.{key}] or use one of: {', '.join(sorted(people))}",
+            )
+        return people[key]
+
+    def persons(
+        self, people: dict[str, Person], table: dict[str, Any], key: str, where: str
+    ) -> tuple[Person, ...]:
+        values = table.get(key, [])
+        if isinstance(values, str):
+            values = [values]
+        return tuple(self.person(people, v, f"{where} {key}") for v in values)
+
+    def strings(self, table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+        values = table.get(key, [])
+        if isinstance(values, str):
+            values = [values]
+        if not all(isinstance(v, str) for v in values):
+            raise self.fail(where, f"'{key}' must be a list of strings", f'{key} = ["..."]')
+        return tuple(values)
+
+    def patch(
+        self, number: int, table: dict[str, Any], people: dict[str, Person], patches_dir: Path
+    ) -> Patch:
+        where = f"[[patch]] #{number}"
+        diff = patches_dir / self.string(table, "diff", where)
+        if not diff.is_file():
+            raise self.fail(
+                where, f"diff file {diff} does not exist", "run `invoke export` or fix 'diff'"
+            )
+        return Patch(
+            number=number,
+            template=self.string(table, "template", where),
+            diff=diff,
+            author=self.person(people, table.get("author"), f"{where} author"),
+            co_developers=self.persons(people, table, "co_developers", where),
+            links=self.strings(table, "links", where),
+            extra_trailers=self.strings(table, "extra_trailers", where),
+            date=table.get("date"),
+            **{name: self.persons(people, table, name, where) for name in PERSON_FIELDS},
+        )
+
+
+def load(config: Config | None = None) -> Series:
+    """Load the series definition; refuse it if any fact a later stage needs is wrong."""
+    config = config or Config.load()
+    reader = _Reader(config)
+    people = reader.people()
+    info = config.table("series")
+    base = config.table("base")
+    patches_dir = config.path("series.patches_dir") or config.directory.parent / "patches"
+    templates_dir = config.path("series.templates_dir") or config.directory.parent / "templates"
+    version = info.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise reader.fail(
+            "[series]", f"version must be a positive integer, not {version!r}", "version = 2"
+        )
+    entries = config.data.get("patch", [])
+    if not entries:
+        raise reader.fail("[[patch]]", "the series has no patches", "add a [[patch]] table")
+    series = Series(
+        name=reader.string(info, "name", "[series]"),
+        version=version,
+        submitter=reader.person(people, info.get("submitter"), "[series] submitter"),
+        base=Base(
+            remote=reader.string(base, "remote", "[base]"),
+            url=reader.string(base, "url", "[base]"),
+            branch=reader.string(base, "branch", "[base]"),
+        ),
+        patches=tuple(
+            reader.patch(n, entry, people, patches_dir) for n, entry in enumerate(entries, start=1)
+        ),
+        people=people,
+        cover_template=reader.string(info, "cover_template", "[series]"),
+        templates_dir=templates_dir,
+        patches_dir=patches_dir,
+        source=reader.source,
+        facts={k: v for k, v in info.items() if k not in {"name", "version", "submitter"}},
+    )
+    for patch in series.patches:
+        check_diff(patch.diff)
+    return series
+
+
+def check_diff(path: Path) -> None:
+    """Refuse a diff file git cannot parse, naming the file and git's complaint."""
+    result = subprocess.run(
+        ["git", "apply", "--numstat", str(path)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0 or not result.stdout.strip():
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no diff"
+        raise ToolkitError(
+            f"{path}: not a valid patch: {detail}",
+            "patches/ holds plain `git diff` output; regenerate it with `invoke export`",
+        )
+
+
+def export(tree: WorkTree, series: Series, ref: str, base: str) -> list[Path]:
+    """Write the diffs of base..ref back into patches/, so hand-resolved work becomes the data.
+
+    Returns the diff files whose content changed. Commit messages are not exported: they
+    come from templates/, and a message edited in git is reported, not silently kept.
+    """
+    commits = tree.git("rev-list", "--reverse", f"{base}..{ref}").split()
+    if len(commits) != len(series.patches):
+        raise ToolkitError(
+            f"{tree.path}: {ref} has {len(commits)} commits on {base[:12]}, the series "
+            f"defines {len(series.patches)}",
+            f"add or remove [[patch]] entries in {series.source} to match the branch",
+        )
+    changed = []
+    for sha, patch in zip(commits, series.patches, strict=True):
+        diff = tree.git(
+            *DIFF_OPTIONS, "show", "--format=", "--no-color", "--no-ext-diff", "--patch", sha
+        )
+        if not patch.diff.exists() or patch.diff.read_text() != diff:
+            patch.diff.write_text(diff)
+            changed.append(patch.diff)
+    return changed
+
+
+# Diffs stay in one shape whatever the user's git config says about prefixes.
+DIFF_OPTIONS = (
+    "-c",
+    "diff.noprefix=false",
+    "-c",
+    "diff.mnemonicPrefix=false",
+    "-c",
+    "diff.relative=false",
+)

@@ -1,0 +1,145 @@
+"""Trailers: generated from the series facts in the kernel's order, checked by the kernel's rules.
+
+The rules come from Documentation/process/submitting-patches.rst. The same checker runs on
+the trailers we generate and on those parsed back from real commits and mails, so a
+hand-edited commit is held to the same standard.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kseries.errors import ToolkitError
+from kseries.series import IDENT_RE, Patch, Person
+
+SOB = "Signed-off-by"
+CODEV = "Co-developed-by"
+IDENTITY_KEYS = {SOB, CODEV, "Suggested-by", "Reported-by", "Acked-by", "Reviewed-by", "Tested-by"}
+URL_KEYS = {"Link", "Closes"}
+URL_RE = re.compile(r"^https?://[^\s/]+\.[^\s/]+/\S*$")
+
+# (series field, trailer key) in the order they precede the sign-off chain.
+ATTRIBUTION = (
+    ("reported_by", "Reported-by"),
+    ("suggested_by", "Suggested-by"),
+    ("acked_by", "Acked-by"),
+    ("reviewed_by", "Reviewed-by"),
+    ("tested_by", "Tested-by"),
+)
+
+
+@dataclass(frozen=True)
+class Trailer:
+    key: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.value}"
+
+    @classmethod
+    def parse(cls, line: str) -> Trailer:
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip() or " " in key.strip():
+            raise ToolkitError(f"'{line}' is not a trailer", "trailers look like 'Key: value'")
+        return cls(key.strip(), value.strip())
+
+
+class TrailerRuleError(ToolkitError):
+    """A trailer block breaks one of submitting-patches.rst's rules."""
+
+    def __init__(self, where: str, trailer: Trailer | str, rule: str, hint: str) -> None:
+        super().__init__(f"{where}: '{trailer}' breaks the rule: {rule}", hint)
+
+
+def generate(patch: Patch, submitter: Person) -> list[Trailer]:
+    """The trailer block for `patch`, in submitting-patches.rst's order.
+
+    Other co-developers' Co-developed-by/Signed-off-by pairs come first, then the From
+    author's Signed-off-by, then the submitter's own pair (or bare Signed-off-by) last,
+    as the document's example for a patch submitted by a co-developer shows.
+    """
+    trailers = [Trailer.parse(raw) for raw in patch.extra_trailers]
+    for field_name, key in ATTRIBUTION:
+        trailers += [Trailer(key, p.ident) for p in getattr(patch, field_name)]
+    trailers += [Trailer("Link", url) for url in patch.links]
+    for person in patch.co_developers:
+        if person != submitter:
+            trailers += [Trailer(CODEV, person.ident), Trailer(SOB, person.ident)]
+    trailers.append(Trailer(SOB, patch.author.ident))
+    if submitter != patch.author:
+        if submitter in patch.co_developers:
+            trailers.append(Trailer(CODEV, submitter.ident))
+        trailers.append(Trailer(SOB, submitter.ident))
+    return trailers
+
+
+def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: str) -> None:
+    """Raise TrailerRuleError for the first rule `trailers` breaks; `where` names the patch."""
+    seen: set[tuple[str, str]] = set()
+    for index, trailer in enumerate(trailers):
+        identity = (trailer.key.lower(), trailer.value.lower())
+        if identity in seen:
+            raise TrailerRuleError(
+                where, trailer, "no duplicate trailers", "list each person or link once per patch"
+            )
+        seen.add(identity)
+        if trailer.key in IDENTITY_KEYS and not IDENT_RE.match(trailer.value):
+            raise TrailerRuleError(
+                where,
+                trailer,
+                "names and emails are well-formed",
+                "use 'Full Name <user@example.org>'",
+            )
+        if trailer.key in URL_KEYS and not URL_RE.match(trailer.value):
+            raise TrailerRuleError(
+                where,
+                trailer,
+                f"{trailer.key} values are URLs",
+                "use https://lore.kernel.org/<message-id>",
+            )
+        if trailer.key == CODEV:
+            if trailer.value.lower() == author.lower():
+                raise TrailerRuleError(
+                    where,
+                    trailer,
+                    "the From author is not also Co-developed-by",
+                    "drop the author from co_developers",
+                )
+            following = trailers[index + 1] if index + 1 < len(trailers) else None
+            if following != Trailer(SOB, trailer.value):
+                raise TrailerRuleError(
+                    where,
+                    trailer,
+                    "every Co-developed-by is immediately followed by that person's Signed-off-by",
+                    f"put '{SOB}: {trailer.value}' right after it",
+                )
+    signoffs = [t.value.lower() for t in trailers if t.key == SOB]
+    if author.lower() not in signoffs:
+        raise TrailerRuleError(
+            where,
+            f"From: {author}",
+            "the From author has a Signed-off-by",
+            "the author must certify the DCO",
+        )
+    if not signoffs or signoffs[-1] != submitter.lower():
+        raise TrailerRuleError(
+            where,
+            f"{SOB}: {submitter}",
+            "the last Signed-off-by is the submitter's",
+            "the person sending the patch signs off last",
+        )
+
+
+def parse(message: str) -> list[Trailer]:
+    """The trailers git itself sees in a commit message (`git interpret-trailers --parse`)."""
+    result = subprocess.run(
+        ["git", "-c", "trailer.separators=:", "interpret-trailers", "--parse", "--no-divider"],
+        input=message,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [Trailer.parse(line) for line in result.stdout.splitlines() if line.strip()]

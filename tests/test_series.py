@@ -1,0 +1,124 @@
+"""Loading the series definition and rendering it: every refusal names the file and the fault."""
+
+from __future__ import annotations
+
+import pytest
+
+from kseries.changelog import Changelog
+from kseries.config import Config
+from kseries.errors import ToolkitError
+from kseries.rebase import Rebase
+from kseries.series import load
+from kseries.trailers import TrailerRuleError
+from tests.conftest import Project
+
+
+def edit(project: Project, old: str, new: str) -> None:
+    path = project.configs / "series.toml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def refused_before_git(project: Project, match: str, error: type = ToolkitError) -> ToolkitError:
+    before = project.snapshot()
+    with pytest.raises(error, match=match) as caught:
+        Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+            remote="kvm-x86", branch="next"
+        )
+    assert project.snapshot() == before
+    return caught.value
+
+
+def test_the_project_series_loads_and_renders() -> None:
+    series = load(Config.load())
+    assert series.branch == "kvm-x86-mmu-memory-fault-v2"
+    first = Changelog(series).message(series.patches[0])
+    assert series.patches[0].author.name == "Anish Moorthy"
+    assert first.subject.startswith("KVM: x86/mmu: ")
+    assert str(first.trailers[-1]) == "Signed-off-by: Mikhail Malyshev <mike.malyshev@gmail.com>"
+    assert all(len(line) <= 75 for line in first.body.splitlines())
+    cover = Changelog(series).cover_letter()
+    assert "Changes since v1" in cover.body and first.subject in cover.body
+
+
+@pytest.mark.parametrize(
+    "old, new, match",
+    [
+        (
+            'author = "author"',
+            'author = "nobody"',
+            r"series.toml: \[\[patch\]\] #1 author: unknown",
+        ),
+        (
+            'email = "ann@example.org"',
+            'email = "ann at example"',
+            r"\[people.author\]: .*well-formed",
+        ),
+        ('email = "max@example.org"', 'email = "ANN@example.org"', r"\[people.maint\]: .*also"),
+        ("version = 2", 'version = "two"', r"\[series\]: version must be a positive integer"),
+        ('diff = "0001.diff"', 'diff = "0009.diff"', r"#1: diff file .*0009.diff does not exist"),
+        ("version = 2", "version = 2\nversion = 3", r"series.toml: Cannot overwrite .*line 5"),
+    ],
+)
+def test_bad_definition_is_refused_with_file_and_key(
+    project: Project, old: str, new: str, match: str
+) -> None:
+    edit(project, old, new)
+    with pytest.raises(ToolkitError, match=match):
+        project.series()
+
+
+def test_malformed_patch_file_is_refused(project: Project) -> None:
+    (project.root / "patches" / "0002.diff").write_text("diff --git a/file.c b/file.c\n@@ junk\n")
+    with pytest.raises(ToolkitError, match=r"0002.diff: not a valid patch"):
+        project.series()
+
+
+def test_trailer_violation_names_patch_trailer_and_rule(project: Project) -> None:
+    edit(project, 'co_developers = ["sub"]', 'co_developers = ["author", "sub"]')
+    error = refused_before_git(
+        project, "the From author is not also Co-developed-by", TrailerRuleError
+    )
+    assert "patch 1 (0001.diff): 'Co-developed-by: Ann Author <ann@example.org>'" in str(error)
+
+
+def test_link_that_is_not_a_url_is_refused(project: Project) -> None:
+    edit(
+        project,
+        'links = ["https://lore.kernel.org/all/abc@example.org"]',
+        'links = ["abc@example.org"]',
+    )
+    refused_before_git(project, r"'Link: abc@example.org' breaks the rule: Link values are URLs")
+
+
+def test_extra_trailer_breaking_the_pairing_is_refused(project: Project) -> None:
+    edit(
+        project,
+        'author = "sub"',
+        'author = "sub"\nextra_trailers = ["Co-developed-by: Max Maintainer <max@example.org>"]',
+    )
+    refused_before_git(project, "immediately followed by that person's Signed-off-by")
+
+
+def test_template_with_undefined_variable_names_file_and_line(project: Project) -> None:
+    (project.root / "templates" / "0002.j2").write_text(
+        "demo: subject\n\nfine line\n{{ patch.reviewer.name }}\n"
+    )
+    refused_before_git(project, r"templates/0002.j2:4: .*has no attribute 'reviewer'")
+
+
+def test_template_syntax_error_names_file_and_line(project: Project) -> None:
+    (project.root / "templates" / "0001.j2").write_text("demo: subject\n\n{% if %}\n")
+    refused_before_git(project, r"templates/0001.j2:3: ")
+
+
+def test_template_without_body_is_refused(project: Project) -> None:
+    (project.root / "templates" / "0001.j2").write_text("demo: subject only\n")
+    refused_before_git(project, "renders no subject or no body")
+
+
+def test_local_toml_overrides_tracked_settings(project: Project) -> None:
+    (project.configs / "local.toml").write_text("[series]\nversion = 3\n")
+    assert project.series().branch == "demo-v3"
+    assert project.series().subject_prefix == "PATCH v3"
