@@ -1,18 +1,15 @@
 """invoke tasks: each parses its options and hands over to the kseries package.
 
-`invoke --list` shows them; `invoke --help NAME` documents every option.
+`invoke --list` shows them; `invoke --help NAME` documents every option. Each task imports
+only the stages it uses, so a task does not pay for the start-up of the others.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from invoke import Context, task
+from invoke import Collection, Context, task
 
-from kseries import changelog as changelog_stage
-from kseries import rebase as rebase_stage
-from kseries import series as series_stage
-from kseries import tree as tree_stage
 from kseries.config import Config
 from kseries.ui import console, edge, log
 
@@ -40,6 +37,10 @@ def rebase(
     abort: bool = False,
 ) -> None:
     """Put the series on the base branch as a fresh, versioned branch (git am -3)."""
+    from kseries import rebase as rebase_stage
+    from kseries import series as series_stage
+    from kseries import tree as tree_stage
+
     config = Config.load()
     series = series_stage.load(config)
     work = tree_stage.open_tree(config, tree, log=log)
@@ -55,7 +56,7 @@ def rebase(
             branch=branch or series.base.branch,
             fetch=not no_fetch,
         )
-    console.print(rebase_stage.summary(result))
+    console.print(rebase_stage.summary(result), markup=False, soft_wrap=True)
     if result.range_diff:
         console.print(result.range_diff, markup=False, highlight=False, soft_wrap=True)
 
@@ -66,6 +67,9 @@ def rebase(
 @edge
 def export(c: Context, tree: str = "", ref: str = "") -> None:
     """Write the series branch's diffs back into patches/ (after resolving a conflict)."""
+    from kseries import series as series_stage
+    from kseries import tree as tree_stage
+
     config = Config.load()
     series = series_stage.load(config)
     work = tree_stage.open_tree(config, tree, log=log)
@@ -82,6 +86,9 @@ def export(c: Context, tree: str = "", ref: str = "") -> None:
 @edge
 def changelog(c: Context, out: str = "") -> None:
     """Render every commit message and the cover letter from templates/, without git."""
+    from kseries import changelog as changelog_stage
+    from kseries import series as series_stage
+
     series = series_stage.load()
     writer = changelog_stage.Changelog(series)
     messages = {"0000-cover-letter": writer.cover_letter()}
@@ -101,6 +108,8 @@ def changelog(c: Context, out: str = "") -> None:
 @edge
 def prepare(c: Context, tree: str = "") -> None:
     """Prepare the kernel tree (fetch and import the embedded default if none is configured)."""
+    from kseries import tree as tree_stage
+
     work = tree_stage.open_tree(Config.load(), tree, log=log)
     console.print(f"tree: {work.path}")
 
@@ -157,3 +166,7 @@ def build(
         console=console,
     )
     console.print(build_stage.summary(manifest), markup=False, highlight=False)
+
+
+# The namespace is explicit so stage groups (e.g. `testbox.up`) can sit beside top-level tasks.
+ns = Collection(rebase, export, changelog, prepare, pipeline, build)

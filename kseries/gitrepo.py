@@ -1,11 +1,14 @@
-"""A git work tree, and the handful of git questions every stage asks of it."""
+"""A git work tree, and the handful of git questions every stage asks of it.
+
+Plain `git` through subprocess: every call here is one git command, and importing a git
+library would cost more start-up time than the whole rebase's own overhead budget.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
-
-import git
 
 from kseries.errors import ToolkitError
 
@@ -19,7 +22,7 @@ IN_PROGRESS = {
 
 
 class WorkTree:
-    """A non-bare git repository the toolkit works in, via GitPython."""
+    """A non-bare git repository the toolkit works in."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path).expanduser()
@@ -28,15 +31,19 @@ class WorkTree:
                 f"tree {path} does not exist",
                 "pass --tree DIR or set tree.path in configs/local.toml",
             )
-        try:
-            self.repo = git.Repo(path)
-        except git.InvalidGitRepositoryError as e:
+        self.path = path
+        status, out, _ = self.try_git(
+            "rev-parse", "--is-bare-repository", "--show-toplevel", "--absolute-git-dir"
+        )
+        if status != 0:
             raise ToolkitError(
                 f"tree {path} is not a git repository", "point --tree at a kernel git checkout"
-            ) from e
-        if self.repo.bare:
+            )
+        bare, *rest = out.split("\n")
+        if bare == "true" or len(rest) < 2:
             raise ToolkitError(f"tree {path} is a bare repository", "use a checkout")
-        self.path = Path(self.repo.working_tree_dir or path)
+        self.path = Path(rest[0])
+        self.git_dir = Path(rest[1])
 
     def git(self, *args: str, env: dict[str, str] | None = None) -> str:
         """Run git here and return stdout; a failure becomes a ToolkitError with git's words."""
@@ -51,17 +58,19 @@ class WorkTree:
 
     def try_git(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         """Run git here; return (status, stdout, stderr) without raising."""
-        return self.repo.git.execute(
+        result = subprocess.run(
             ["git", *args],
-            with_extended_output=True,
-            with_exceptions=False,
-            env={**os.environ, **(env or {})},
-            strip_newline_in_stdout=False,
+            cwd=self.path,
+            env={**os.environ, **env} if env else None,
+            capture_output=True,
+            text=True,
+            check=False,
         )
+        return result.returncode, result.stdout, result.stderr
 
     def git_path(self, name: str) -> Path:
-        """A path inside .git (git rev-parse --git-path), right for linked worktrees too."""
-        return self.path / self.git("rev-parse", "--git-path", name).strip()
+        """A path inside this work tree's git directory (its own, for a linked worktree)."""
+        return self.git_dir / name
 
     def rev(self, ref: str) -> str | None:
         """The commit `ref` names, or None if it names nothing."""
@@ -87,10 +96,10 @@ class WorkTree:
                 f"{self.path} is in the middle of {what}",
                 "finish it or abort it (git am --abort, git rebase --abort, ...)",
             )
-        if self.repo.is_dirty(index=True, working_tree=True, untracked_files=False):
+        if self.try_git("diff", "--quiet", "HEAD", "--")[0] != 0:
             raise ToolkitError(
                 f"{self.path} has uncommitted changes", "commit or stash them first (git stash)"
             )
 
     def remotes(self) -> list[str]:
-        return [r.name for r in self.repo.remotes]
+        return self.git("remote").split()

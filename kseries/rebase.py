@@ -18,8 +18,6 @@ from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 from pathlib import Path
 
-from rich.table import Table
-
 from kseries import trailers
 from kseries.changelog import Changelog, Message
 from kseries.errors import ToolkitError
@@ -341,17 +339,17 @@ class Rebase:
         return result
 
 
-def summary(result: Result) -> Table:
+def summary(result: Result) -> str:
     """The rebase's summary: base, each new commit, where the last attempt went, time."""
-    table = Table(
-        title=f"{result.branch}  ({result.seconds:.1f} s)",
-        title_justify="left",
-        show_header=False,
-        box=None,
-    )
-    table.add_row("base", f"{result.base[:12]} ({result.base_describe})")
-    for number, (sha, subject) in enumerate(result.commits, start=1):
-        table.add_row(f"{number}/{len(result.commits)}", f"{sha[:12]} {subject}")
+    lines = [
+        f"{result.branch}: {len(result.commits)} commits on {result.base[:12]} "
+        f"({result.base_describe}) in {result.seconds:.1f} s"
+    ]
+    total = len(result.commits)
+    lines += [
+        f"  {n}/{total} {sha[:12]} {subject}"
+        for n, (sha, subject) in enumerate(result.commits, start=1)
+    ]
     if result.backup_ref:
-        table.add_row("previous", f"{result.backup_ref} (range-diff below)")
-    return table
+        lines.append(f"  previous attempt kept as {result.backup_ref}; range-diff:")
+    return "\n".join(lines)
