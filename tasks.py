@@ -168,5 +168,171 @@ def build(
     console.print(build_stage.summary(manifest), markup=False, highlight=False)
 
 
+@task(
+    help={
+        "tree": TREE_HELP,
+        "out": "directory for the mails (default: out/<branch>/ in this project)",
+        "dry_run": "write the mails and show what git send-email would do (the default)",
+        "send": "really send, after every check passed and a confirmation",
+        "yes": "with --send: do not ask for confirmation",
+    }
+)
+@edge
+def send_series(
+    c: Context,
+    tree: str = "",
+    out: str = "",
+    dry_run: bool = True,
+    send: bool = False,
+    yes: bool = False,
+) -> None:
+    """Format the series as mails, address and check them, then git send-email (dry run)."""
+    from kseries import send as send_stage
+    from kseries import series as series_stage
+    from kseries import tree as tree_stage
+    from kseries.paths import PROJECT
+
+    config = Config.load()
+    series = series_stage.load(config)
+    postman = send_stage.Postman(
+        tree_stage.open_tree(config, tree, log=log),
+        series,
+        send_stage.SendSettings(config, series),
+    )
+    outbox = postman.format(Path(out) if out else PROJECT / "out" / series.branch)
+    postman.check(outbox, sending=send)
+    console.print(send_stage.report(outbox))
+    if send and not yes and input(f"send {len(outbox.mails)} mails? [y/N] ").lower() != "y":
+        console.print("not sent")
+        return
+    delivery = postman.send(outbox, dry_run=not send)
+    console.print(delivery.log(), markup=False, highlight=False, soft_wrap=True)
+    if outbox.failed:
+        raise SystemExit(1)
+
+
+BOX_HELP = "box name from configs/testboxes.toml (default: [testbox] default, i.e. local)"
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values, flattened: --tests a,b --tests c."""
+    return [n.strip() for v in values or () for n in v.split(",") if n.strip()]
+
+
+@task(
+    iterable=["box", "tests"],
+    help={
+        "box": BOX_HELP + "; repeat for several boxes",
+        "boxes": "several boxes, comma-separated (run in parallel)",
+        "kernel": "bzImage or manifest.json to test (default: the last `invoke build`)",
+        "tests": "tests to run, by name (repeat or comma-separate; default: the default set)",
+        "compare": "also test this reference (a git ref of the kernel's tree, built by the build "
+        "stage, or a bzImage/manifest) and show both side by side",
+        "trust_new_host": "record an unknown host key in the box's known_hosts (a changed key "
+        "is still refused)",
+        "out": "output directory (default: out/test-remote/TIMESTAMP)",
+    },
+)
+@edge
+def test_remote(
+    c: Context,
+    box: list[str] | None = None,
+    boxes: str = "",
+    kernel: str = "",
+    tests: list[str] | None = None,
+    compare: str = "",
+    trust_new_host: bool = False,
+    out: str = "",
+) -> None:
+    """Boot the built kernel on test boxes, prove it is that build, run the tests, judge."""
+    from kseries.testbox import report as report_stage
+    from kseries.testbox import session as testbox_session
+
+    runs, directory = testbox_session.test_remote(
+        Config.load(),
+        boxes=_names(box) + _names([boxes]),
+        kernel_spec=kernel,
+        tests=_names(tests),
+        compare=compare,
+        trust_new_host=trust_new_host,
+        out=out,
+        log=log,
+    )
+    console.print(report_stage.table(runs))
+    for line in report_stage.details(runs):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {directory / 'report.json'}, {directory / 'junit.xml'}")
+    if not report_stage.overall(runs, {"must_pass": "kernel"} if compare else None):
+        raise SystemExit(1)
+
+
+def _local_boxes(box: str) -> list:
+    from kseries.testbox.box import TestboxConfig
+
+    settings = TestboxConfig.load(Config.load())
+    if box:
+        return [settings.box(box)]
+    return [b for b in (settings.box(n) for n in settings.names()) if b.is_local_qemu]
+
+
+@task(
+    help={
+        "box": BOX_HELP,
+        "kernel": "bzImage or manifest.json (default: the box's known-good kernel, else the "
+        "last build)",
+        "restart": "stop the box first if it is running",
+    }
+)
+@edge
+def testbox_up(c: Context, box: str = "", kernel: str = "", restart: bool = False) -> None:
+    """Start the local QEMU test box, wait for SSH and prove which kernel it runs."""
+    from kseries.testbox import local as local_box
+    from kseries.testbox.box import TestboxConfig
+
+    status = local_box.up(
+        TestboxConfig.load(Config.load()).box(box), kernel_spec=kernel, restart=restart, log=log
+    )
+    console.print("\n".join(status.lines()), markup=False, highlight=False, soft_wrap=True)
+
+
+@task(help={"box": BOX_HELP + " (default: every local box)"})
+@edge
+def testbox_down(c: Context, box: str = "") -> None:
+    """Stop the local QEMU test box (by the PID it was started with)."""
+    from kseries.testbox import local as local_box
+
+    for one in _local_boxes(box):
+        if local_box.down(one, log=log):
+            console.print(f"box {one.name}: stopped")
+
+
+@task(help={"box": BOX_HELP + " (default: every local box)"})
+@edge
+def testbox_status(c: Context, box: str = "") -> None:
+    """Show whether the local test box runs, which kernel, and how to ssh into it."""
+    from kseries.testbox import local as local_box
+
+    for one in _local_boxes(box):
+        lines = local_box.status(one, log=log).lines()
+        console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
+@task(help={"box": BOX_HELP, "lines": "how many lines to show (default 50)"})
+@edge
+def testbox_console(c: Context, box: str = "", lines: int = 50) -> None:
+    """Show the end of the local test box's serial console log."""
+    from kseries.testbox import local as local_box
+    from kseries.testbox.box import TestboxConfig
+
+    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=lines)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 # The namespace is explicit so stage groups (e.g. `testbox.up`) can sit beside top-level tasks.
-ns = Collection(rebase, export, changelog, prepare, pipeline, build)
+ns = Collection(rebase, export, changelog, prepare, pipeline, build, send_series, test_remote)
+testbox = Collection("testbox")
+testbox.add_task(testbox_up, name="up")
+testbox.add_task(testbox_down, name="down")
+testbox.add_task(testbox_status, name="status")
+testbox.add_task(testbox_console, name="console")
+ns.add_collection(testbox)

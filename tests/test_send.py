@@ -1,0 +1,213 @@
+"""send-series: the real series as mails from the 7.2 tree, a real SMTP round trip on 127.0.0.1,
+and the failures that must stop a send. The SMTP server is aiosmtpd, started by the test."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from kseries import series as series_stage
+from kseries.config import Config
+from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
+from kseries.paths import PROJECT
+from kseries.rebase import Rebase
+from kseries.send import PartialSend, Postman, SendSettings
+from kseries.tree import prepare_default_tree
+
+pytestmark = pytest.mark.slow
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps every mail, and can refuse the n-th."""
+
+    def __init__(self, reject: int = 0) -> None:
+        self.reject = reject
+        self.seen = 0
+        self.mails: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.seen += 1
+        if self.seen == self.reject:
+            return "554 5.6.0 refused by the test"
+        self.mails.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> WorkTree:
+    """A shared clone of the default tree with the series rebased onto it."""
+    default = prepare_default_tree(log=lambda _: None)
+    clone = tmp_path_factory.mktemp("send") / "linux"
+    subprocess.run(
+        ["git", "clone", "-q", "--shared", "-o", "kvm-x86", default.remote_url, str(clone)],
+        check=True,
+    )
+    subprocess.run(["git", "checkout", "-q", "-b", "master"], cwd=clone, check=True)
+    tree = WorkTree(clone)
+    Rebase(tree, series_stage.load(Config.load()), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    return tree
+
+
+def scratch_configs(tmp_path: Path, local: str = "") -> Config:
+    """The project's configs/, templates/ and patches/ copied, with a local.toml on top."""
+    for name in ("configs", "templates", "patches"):
+        shutil.copytree(PROJECT / name, tmp_path / name)
+    (tmp_path / "configs" / "local.toml").write_text(local)
+    return Config.load(tmp_path / "configs")
+
+
+def postman(kernel: WorkTree, config: Config) -> Postman:
+    series = series_stage.load(config)
+    return Postman(kernel, series, SendSettings(config, series))
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+def smtp_local(port: int) -> str:
+    return f'[send.smtp]\nserver = "127.0.0.1"\nport = "{port}"\n'
+
+
+def test_dry_run_of_the_real_series(kernel: WorkTree, tmp_path: Path) -> None:
+    man = postman(kernel, Config.load())
+    outbox = man.format(tmp_path / "out")
+    man.check(outbox, sending=False)
+    assert not outbox.failed, outbox.failed
+    total = len(man.series.patches)
+    assert [m.subject[:14] for m in outbox.mails] == [
+        f"[PATCH v2 {n}/{total}]" for n in range(total + 1)
+    ]
+    cover = outbox.mails[0]
+    assert "base-commit: " + outbox.base in cover.path.read_text()
+    assert "*** SUBJECT HERE ***" not in cover.path.read_text()
+    for mail in outbox.mails:
+        assert "kvm@vger.kernel.org" in mail.to
+        assert "Sean Christopherson <seanjc@google.com>" in mail.to
+        assert not {a.lower() for a in mail.cc} & {a.lower() for a in mail.to}
+    assert "linux-kernel@vger.kernel.org" in outbox.mails[1].cc
+    assert "Anish Moorthy <amoorthy@google.com>" in outbox.mails[1].cc
+    delivery = man.send(outbox, dry_run=True)
+    assert delivery.output.count("Dry-OK. Log says:") == total + 1
+    assert len(delivery.sent) == total + 1
+
+
+def test_real_send_round_trip(kernel: WorkTree, tmp_path: Path, smtp) -> None:
+    inbox, port = smtp
+    man = postman(kernel, scratch_configs(tmp_path, smtp_local(port)))
+    outbox = man.format(tmp_path / "out")
+    man.check(outbox, sending=True)
+    assert not outbox.failed, outbox.failed
+    delivery = man.send(outbox, dry_run=False)
+    assert len(delivery.sent) == len(outbox.mails) == len(inbox.mails)
+    cover_id = inbox.mails[0]["Message-ID"]
+    assert inbox.mails[0]["Subject"].startswith("[PATCH v2 0/")
+    for mail in inbox.mails[1:]:
+        assert mail["In-Reply-To"] == cover_id
+        assert mail["References"] == cover_id
+    received = tmp_path / "received.mbox"
+    received.write_text(
+        "".join(
+            f"From mboxrd@z Thu Jan  1 00:00:00 1970\n{m.as_string()}\n" for m in inbox.mails[1:]
+        )
+    )
+    kernel.git("checkout", "-q", "-b", "round-trip", outbox.base)
+    try:
+        kernel.git(
+            "am",
+            "-q",
+            str(received),
+            env={"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"},
+        )
+        assert kernel.git("rev-parse", "round-trip^{tree}") == kernel.git(
+            "rev-parse", f"{outbox.branch}^{{tree}}"
+        )
+        authors = kernel.git("log", "--reverse", "--format=%an", f"{outbox.base}..round-trip")
+        assert authors.splitlines()[0] == "Anish Moorthy"
+    finally:
+        kernel.git("checkout", "-q", outbox.branch)
+        kernel.git("branch", "-q", "-D", "round-trip")
+
+
+def test_smtp_refusing_the_third_mail_reports_what_went_out(
+    kernel: WorkTree, tmp_path: Path, smtp
+) -> None:
+    inbox, port = smtp
+    inbox.reject = 3
+    man = postman(kernel, scratch_configs(tmp_path, smtp_local(port)))
+    outbox = man.format(tmp_path / "out")
+    man.check(outbox, sending=True)
+    with pytest.raises(PartialSend) as stop:
+        man.send(outbox, dry_run=False)
+    assert [m.path.name for m in stop.value.delivery.sent] == [
+        m.path.name for m in outbox.mails[:2]
+    ]
+    assert "not sent: " + outbox.mails[2].path.name in stop.value.message
+    assert "In-Reply-To" in stop.value.hint and str(outbox.mails[3].path) in stop.value.hint
+    assert len(inbox.mails) == 2
+
+
+def test_checkpatch_error_blocks_the_send(kernel: WorkTree, tmp_path: Path, smtp) -> None:
+    inbox, port = smtp
+    config = scratch_configs(tmp_path, smtp_local(port))
+    diff = next((tmp_path / "patches").glob("0001-*.diff"))
+    diff.write_text(
+        diff.read_text().replace(
+            "+\tkvm_mmu_prepare_memory_fault_exit(vcpu, fault);",
+            "+\tkvm_mmu_prepare_memory_fault_exit(vcpu, fault); ",
+        )
+    )
+    series = series_stage.load(config)
+    Rebase(kernel, series, log=lambda _: None).start(remote="kvm-x86", branch="next")
+    try:
+        man = Postman(kernel, series, SendSettings(config, series))
+        outbox = man.format(tmp_path / "out")
+        man.check(outbox, sending=True)
+        assert [c.name for c in outbox.failed] == ["checkpatch --strict"]
+        assert "trailing whitespace" in outbox.failed[0].detail
+        with pytest.raises(ToolkitError, match="not sending: 1 pre-send checks failed"):
+            man.send(outbox, dry_run=False)
+        assert inbox.mails == []
+    finally:
+        Rebase(kernel, series_stage.load(Config.load()), log=lambda _: None).start(
+            remote="kvm-x86", branch="next"
+        )
+
+
+def test_missing_sender_identity_is_refused(tmp_path: Path) -> None:
+    scratch_configs(tmp_path)
+    path = tmp_path / "configs" / "series.toml"
+    path.write_text(path.read_text().replace('submitter = "mikhail"', ""))
+    with pytest.raises(ToolkitError, match=r"\[series\] submitter: unknown person None"):
+        series_stage.load(Config.load(tmp_path / "configs"))
+
+
+def test_real_send_without_smtp_server_is_refused(kernel: WorkTree, tmp_path: Path) -> None:
+    man = postman(kernel, scratch_configs(tmp_path))
+    outbox = man.format(tmp_path / "out")
+    man.check(outbox, sending=True)
+    assert [c.name for c in outbox.failed] == ["sender identity"]
+    with pytest.raises(ToolkitError, match="not sending"):
+        man.send(outbox, dry_run=False)
