@@ -45,9 +45,9 @@ class WorkTree:
         self.path = Path(rest[0])
         self.git_dir = Path(rest[1])
 
-    def git(self, *args: str, env: dict[str, str] | None = None) -> str:
+    def git(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
         """Run git here and return stdout; a failure becomes a ToolkitError with git's words."""
-        status, out, err = self.try_git(*args, env=env)
+        status, out, err = self.try_git(*args, env=env, stdin=stdin)
         if status != 0:
             tail = "; ".join(err.strip().splitlines()[-3:]) or f"exit {status}"
             raise ToolkitError(
@@ -56,10 +56,13 @@ class WorkTree:
             )
         return out
 
-    def try_git(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    def try_git(
+        self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+    ) -> tuple[int, str, str]:
         """Run git here; return (status, stdout, stderr) without raising."""
         result = subprocess.run(
             ["git", *args],
+            input=stdin,
             cwd=self.path,
             env={**os.environ, **env} if env else None,
             capture_output=True,

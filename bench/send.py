@@ -1,0 +1,160 @@
+"""bench/send: `invoke send-series --dry-run` against raw git, side by side, on the 7.2 tree.
+
+In one shared clone of the embedded default tree with the series rebased onto it:
+  toolkit: `invoke send-series --tree CLONE --out DIR` (format-patch, get_maintainer.pl,
+           every pre-send check including checkpatch --strict, send-email --dry-run)
+  raw git: `git format-patch -v2 --cover-letter --base=... -o DIR` + `git send-email --dry-run`
+  b4:      `b4 send --dry-run` on a b4 prep branch of the same commits, when b4 is installed
+           (pip install b4) and can enroll the branch offline; skipped with the reason if not.
+Cold is the first toolkit run (checkpatch and get_maintainer caches empty); warm is every run
+after, the usual case when iterating. Prints medians and ratios; target: at most 1.5x raw git.
+Run: .venv/bin/python bench/send.py [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from kseries import series as series_stage  # noqa: E402
+from kseries.config import Config  # noqa: E402
+from kseries.gitrepo import WorkTree  # noqa: E402
+from kseries.rebase import Rebase, committer_env  # noqa: E402
+from kseries.tree import prepare_default_tree  # noqa: E402
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
+    return time.perf_counter() - started
+
+
+def b4_time(clone: Path, base: str, branch: str, env: dict[str, str]) -> str:
+    """b4 send --dry-run on a prep branch of the same commits, or why it could not run."""
+    b4 = shutil.which("b4") or str(PROJECT / ".venv/bin/b4")
+    if not Path(b4).exists():
+        return "b4 not installed (pip install b4): skipped"
+    enroll = subprocess.run(
+        [b4, "prep", "-n", "b4-bench", "-f", base],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if enroll.returncode != 0:
+        return f"b4 prep could not enroll offline: {enroll.stderr.strip()[-200:]}"
+    subprocess.run(
+        ["git", "cherry-pick", f"{base}..{branch}"],
+        cwd=clone,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    command = [b4, "send", "--dry-run", "--no-sign"]
+    trial = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
+    if trial.returncode != 0:
+        return f"b4 send --dry-run failed offline: {trial.stderr.strip()[-300:]}"
+    runs = [timed(command, clone, env) for _ in range(3)]
+    return f"{statistics.median(runs):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    rounds = parser.parse_args().rounds
+
+    default = prepare_default_tree(log=lambda _: None)
+    series = series_stage.load(Config.load())
+    with tempfile.TemporaryDirectory(prefix="kseries-bench-send-") as scratch:
+        clone = Path(scratch) / "linux"
+        subprocess.run(
+            [
+                "git",
+                "clone",
+                "-q",
+                "--shared",
+                "-o",
+                series.base.remote,
+                default.remote_url,
+                str(clone),
+            ],
+            check=True,
+        )
+        subprocess.run(["git", "checkout", "-q", "-b", "master"], cwd=clone, check=True)
+        tree = WorkTree(clone)
+        Rebase(tree, series, log=lambda _: None).start(
+            remote=series.base.remote, branch=series.base.branch
+        )
+        base = tree.git("merge-base", series.branch, series.base.tracking_ref).strip()
+        who = series.submitter
+        env = {
+            **os.environ,
+            **committer_env(series),
+            "GIT_CONFIG_COUNT": "2",
+            "GIT_CONFIG_KEY_0": "user.name",
+            "GIT_CONFIG_VALUE_0": who.name,
+            "GIT_CONFIG_KEY_1": "user.email",
+            "GIT_CONFIG_VALUE_1": who.email,
+        }
+        invoke = [
+            str(PROJECT / ".venv/bin/invoke"),
+            "-r",
+            str(PROJECT),
+            "send-series",
+            "--tree",
+            str(clone),
+            "--out",
+            f"{scratch}/toolkit",
+        ]
+        to = " ".join(f"--to='{p.ident}'" for p in (series.people["sean"], series.people["paolo"]))
+        raw = [
+            "sh",
+            "-c",
+            f"rm -rf {scratch}/raw && git format-patch -q -v{series.version} --cover-letter "
+            "--cover-from-description=subject "
+            f"--base={base} --thread -o {scratch}/raw {base}..{series.branch} && "
+            f"git send-email --dry-run --confirm=never {to} --to=kvm@vger.kernel.org "
+            f"--from='{series.submitter.ident}' {scratch}/raw/*.patch",
+        ]
+        cold = timed(invoke, PROJECT)
+        toolkit, plain, startup = [], [], []
+        for _ in range(rounds):
+            toolkit.append(timed(invoke, PROJECT))
+            plain.append(timed(raw, clone, env))
+            startup.append(timed([*invoke[:3], "--help", "send-series"], PROJECT))
+        b4 = b4_time(clone, base, series.branch, env)
+    warm_s, raw_s = statistics.median(toolkit), statistics.median(plain)
+    start_s = statistics.median(startup)
+    print(f"rounds: {rounds}, mails: {len(series.patches) + 1}, tree: Linux 7.2.13")
+    print(f"raw git format-patch + send-email --dry-run: {raw_s:.3f} s (median)")
+    print(f"invoke send-series --dry-run, cold caches:   {cold:.3f} s  ratio {cold / raw_s:.2f}x")
+    print(
+        f"invoke send-series --dry-run, warm:          {warm_s:.3f} s  ratio {warm_s / raw_s:.2f}x"
+    )
+    print(
+        f"  of which interpreter + invoke start-up:   {start_s:.3f} s; without it "
+        f"{(warm_s - start_s) / raw_s:.2f}x"
+    )
+    try:
+        b4_s = float(b4)
+        print(
+            f"b4 send --dry-run:                           {b4_s:.3f} s  "
+            f"toolkit/b4 {warm_s / b4_s:.2f}x"
+        )
+    except ValueError:
+        print(f"b4: {b4}")
+    print("target: at most 1.50x of raw git (warm)")
+
+
+if __name__ == "__main__":
+    main()
