@@ -355,8 +355,12 @@ class Postman:
         ]
         if ignore:
             command += ["--ignore", ",".join(ignore)]
+        # /usr/bin first: checkpatch's SPDX check runs `python3` and needs Debian's ply and git
+        # modules, which a venv's or pyenv's python3 lacks.
+        env = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}"}
         result = subprocess.run(
             [*command, str(mail.path)],
+            env=env,
             cwd=self.tree.path,
             capture_output=True,
             text=True,

@@ -39,7 +39,7 @@ def test_the_project_series_loads_and_renders() -> None:
     assert str(first.trailers[-1]) == "Signed-off-by: Mikhail Malyshev <mike.malyshev@gmail.com>"
     assert all(len(line) <= 75 for line in first.body.splitlines())
     cover = Changelog(series).cover_letter()
-    assert "Changes since v1" in cover.body and first.subject in cover.body
+    assert "Changes since v1" in cover.body and "{{" not in cover.body
 
 
 @pytest.mark.parametrize(
