@@ -150,21 +150,15 @@ class Rebase:
                 "invoke rebase --continue, or invoke rebase --abort",
             )
         self.tree.require_clean()
-        if remote not in self.tree.remotes():
-            raise ToolkitError(
-                f"{self.tree.path}: no remote named '{remote}'",
-                f"git -C {self.tree.path} remote add {remote} {self.series.base.url}",
-            )
-        tracking = f"refs/remotes/{remote}/{branch}"
-        if fetch:
-            self.log(f"fetching {remote} {branch}")
-            self.tree.git(
-                "fetch", "--no-tags", "--quiet", remote, f"+refs/heads/{branch}:{tracking}"
-            )
-        base = self.tree.rev(tracking)
+        base = (
+            self._fetch(remote, branch)
+            if fetch
+            else self.tree.rev(f"refs/remotes/{remote}/{branch}")
+        )
         if base is None:
+            self._require_remote(remote)
             raise ToolkitError(
-                f"{self.tree.path}: {tracking} does not exist",
+                f"{self.tree.path}: refs/remotes/{remote}/{branch} does not exist",
                 f"run without --no-fetch, or check that {remote} has '{branch}'",
             )
         target = self.series.branch
@@ -228,6 +222,30 @@ class Rebase:
         self.log(f"aborted: {self.tree.path} is back on {state.original_head}")
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _fetch(self, remote: str, branch: str) -> str | None:
+        """Fetch the base into its remote-tracking ref; return the commit it names."""
+        tracking = f"refs/remotes/{remote}/{branch}"
+        self.log(f"fetching {remote} {branch}")
+        status, _, err = self.tree.try_git(
+            "fetch", "--no-tags", "--quiet", remote, f"+refs/heads/{branch}:{tracking}"
+        )
+        if status != 0:
+            self._require_remote(remote)
+            raise ToolkitError(
+                f"{self.tree.path}: git fetch {remote} {branch} failed: "
+                f"{'; '.join(err.strip().splitlines()[-2:])}",
+                "check the remote's URL and your network, or use --no-fetch",
+            )
+        return self.tree.rev(tracking)
+
+    def _require_remote(self, remote: str) -> None:
+        """Asked only after a failure, so the common path spends no git call on it."""
+        if remote not in self.tree.remotes():
+            raise ToolkitError(
+                f"{self.tree.path}: no remote named '{remote}'",
+                f"git -C {self.tree.path} remote add {remote} {self.series.base.url}",
+            )
 
     def _state(self) -> State:
         state = State.load(self.tree)
@@ -294,7 +312,8 @@ class Rebase:
         log = self.tree.git(
             "log",
             "--reverse",
-            "--format=%H%x00%an <%ae>%x00%B%x01",
+            # git's own trailer parser, in the same call: no process per commit
+            "--format=%H%x00%an <%ae>%x00%s%x00%(trailers:only,unfold)%x01",
             f"{state.base}..{state.branch}",
         )
         entries = [e.strip("\n").split("\0") for e in log.split("\x01") if e.strip()]
@@ -304,9 +323,9 @@ class Rebase:
                 f"expected {state.patches}",
                 "a patch was skipped or added by hand: invoke rebase --abort and start over",
             )
-        for (sha, author, body), patch in zip(entries, self.series.patches, strict=True):
+        for (sha, author, _, block), patch in zip(entries, self.series.patches, strict=True):
             trailers.check(
-                trailers.parse(body),
+                [trailers.Trailer.parse(line) for line in block.splitlines() if line.strip()],
                 author=author,
                 submitter=self.series.submitter.ident,
                 where=f"{state.branch} {sha[:12]} ({patch.label})",
@@ -329,7 +348,7 @@ class Rebase:
             branch=state.branch,
             base=state.base,
             base_describe=self.tree.git("describe", "--tags", "--always", state.base).strip(),
-            commits=[(sha, body.split("\n", 1)[0]) for sha, _, body in entries],
+            commits=[(sha, subject) for sha, _, subject, _ in entries],
             seconds=round(time.monotonic() - started, 2),
             backup_ref=state.backup_ref,
             range_diff=range_diff,

@@ -218,16 +218,34 @@ def load(config: Config | None = None) -> Series:
         source=reader.source,
         facts={k: v for k, v in info.items() if k not in {"name", "version", "submitter"}},
     )
-    for patch in series.patches:
-        check_diff(patch.diff)
+    check_diffs([patch.diff for patch in series.patches])
     return series
 
 
-def check_diff(path: Path) -> None:
-    """Refuse a diff file git cannot parse, naming the file and git's complaint."""
-    result = subprocess.run(
-        ["git", "apply", "--numstat", str(path)], capture_output=True, text=True, check=False
+def check_diffs(paths: list[Path]) -> None:
+    """Refuse a diff file git cannot parse, naming the file and git's complaint.
+
+    One `git apply --numstat` reads them all; only a failure is narrowed down file by file.
+    """
+    every = _numstat(paths)
+    # each diff touches at least one file, so fewer numstat lines than files means an empty one
+    if every.returncode == 0 and len(every.stdout.splitlines()) >= len(paths):
+        return
+    for path in paths:
+        _check_one(path)
+
+
+def _numstat(paths: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "apply", "--numstat", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+
+
+def _check_one(path: Path) -> None:
+    result = _numstat([path])
     if result.returncode != 0 or not result.stdout.strip():
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no diff"
         raise ToolkitError(
