@@ -114,11 +114,32 @@ def prepare(c: Context, tree: str = "") -> None:
     console.print(f"tree: {work.path}")
 
 
-@task(help={"tree": TREE_HELP})
+@task(
+    help={
+        "tree": TREE_HELP,
+        "boxes": "test boxes to boot the series on (default: local,local-shadow: TDP and shadow)",
+        "compare": "also test this ref of the tree, side by side (default: the series' base)",
+        "no_compare": "test only the series kernel",
+    }
+)
 @edge
-def pipeline(c: Context, tree: str = "") -> None:
-    """The main job: prepare the tree, then rebase the series onto the base branch."""
+def pipeline(
+    c: Context,
+    tree: str = "",
+    boxes: str = "local,local-shadow",
+    compare: str = "",
+    no_compare: bool = False,
+) -> None:
+    """The main job: rebase, build, boot and test (base vs series), then the mails (dry run)."""
+    from kseries import series as series_stage
+
+    base = series_stage.load().base
     rebase(c, tree=tree)
+    build(c, tree=tree)
+    test_remote(
+        c, boxes=boxes, compare="" if no_compare else compare or f"{base.remote}/{base.branch}"
+    )
+    send_series(c, tree=tree)
 
 
 @task(
@@ -165,7 +186,7 @@ def build(
         log=log,
         console=console,
     )
-    console.print(build_stage.summary(manifest), markup=False, highlight=False)
+    console.print(build_stage.summary(manifest), markup=False, highlight=False, soft_wrap=True)
 
 
 @task(

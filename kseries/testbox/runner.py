@@ -1,0 +1,208 @@
+"""Running the tests on a booted box, and reading its kernel log for splats.
+
+Each test runs on its own exec channel under the box's `timeout -s KILL` (so a hung test does not
+outlive its slot on the box) and a slightly longer client-side timeout (so a hung box does not
+hang the tool). Output and exit status are kept; exit 4 is kselftest's SKIP.
+
+The kernel log is scanned for WARNING:, BUG:, Oops, KVM_BUG_ON and Call Trace. A hit fails the
+run and is shown with a few lines of context. Lines known to be benign (the vfio-noiommu taint
+notice, which only says the kernel is now tainted) are never hits; more can be listed in
+`[testbox] dmesg_ignore`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kseries.errors import ToolkitError
+from kseries.testbox.ssh import CommandTimeout, ConnectionLost, Remote, UploadError
+from kseries.testbox.suite import SKIP_EXIT, Built
+
+Log = Callable[[str], None]
+SPLAT = re.compile(r"WARNING:|BUG:|Oops|KVM_BUG_ON|Call Trace")
+BENIGN = (r"Adding kernel taint for vfio-noiommu group",)
+GRACE = 15.0  # seconds the client waits beyond the box-side timeout
+
+
+@dataclass
+class TestResult:
+    name: str
+    status: str  # pass, fail, skip, timeout, error
+    exit_status: int | None = None
+    duration: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    reason: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "exit_status": self.exit_status,
+            "duration_s": round(self.duration, 3),
+            "reason": self.reason,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+        }
+
+
+@dataclass(frozen=True)
+class Splat:
+    line_number: int
+    line: str
+    context: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {"line_number": self.line_number, "line": self.line, "context": self.context}
+
+
+def scan_dmesg(text: str, ignore: Sequence[str] = ()) -> list[Splat]:
+    """Every line matching a splat pattern, unless a benign pattern matches it."""
+    benign = [re.compile(p) for p in (*BENIGN, *ignore)]
+    lines = text.splitlines()
+    hits = []
+    for number, line in enumerate(lines, 1):
+        if SPLAT.search(line) and not any(p.search(line) for p in benign):
+            hits.append(
+                Splat(number, line.rstrip(), [x.rstrip() for x in lines[number : number + 6]])
+            )
+    return hits
+
+
+def remote_path(workdir: str, built: Built) -> str:
+    return f"{workdir}/tests/{built.spec.name}-{built.sha256[:12]}"
+
+
+def upload_tests(remote: Remote, workdir: str, tests: Sequence[Built], log: Log) -> dict[str, str]:
+    """Upload the programs the box does not already hold (same sha256); name -> path or
+    an error message prefixed with "!"."""
+    wanted = {b.spec.name: remote_path(workdir, b) for b in tests if b.data is not None}
+    if not wanted:
+        return {}
+    present = remote.sha256(*wanted.values())
+    placed: dict[str, str] = {}
+    for built in tests:
+        if built.data is None:
+            continue
+        path = wanted[built.spec.name]
+        if present.get(path) == built.sha256:
+            placed[built.spec.name] = path
+            continue
+        try:
+            remote.upload(built.data, path, mode="755")
+            placed[built.spec.name] = path
+            log(f"tests: uploaded {built.spec.name} ({len(built.data) >> 10} KiB), sha256 verified")
+        except UploadError as e:
+            placed[built.spec.name] = "!" + e.message
+    return placed
+
+
+def command_line(built: Built, path: str, timeout: float, env: dict[str, str]) -> str:
+    """The test in its own session (setsid), killed as a whole process group by a watchdog
+    at `timeout`: a plain `timeout CMD` kills only the shell, and a child left holding the
+    channel's stdout would keep the test "running". Exit 137 then means killed."""
+    spec = built.spec
+    inner = spec.command or shlex.join([path, *spec.args])
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**env, **spec.env}.items())
+    prefix = f"export {exports}; " if exports else ""
+    return (
+        f"{prefix}setsid sh -c {shlex.quote(inner)} & p=$!; "
+        f"( sleep {max(1, int(timeout))}; kill -KILL -$p ) >/dev/null 2>&1 & w=$!; "
+        "wait $p; s=$?; kill $w 2>/dev/null; exit $s"
+    )
+
+
+def kill_leftovers(remote: Remote, path: str) -> None:
+    """After a client-side timeout: kill whatever still runs the test's program on the box."""
+    script = (
+        'for p in /proc/[0-9]*; do [ "$(readlink $p/exe)" = ' + shlex.quote(path) + " ] && "
+        'kill -9 "${p##*/}"; done; true'
+    )
+    with contextlib.suppress(ToolkitError):
+        remote.run(script, timeout=20)
+
+
+def run_tests(
+    remote: Remote,
+    tests: Sequence[Built],
+    *,
+    workdir: str,
+    default_timeout: float,
+    env: dict[str, str],
+    log: Log,
+) -> list[TestResult]:
+    placed = upload_tests(remote, workdir, tests, log)
+    results = []
+    for built in tests:
+        spec = built.spec
+        if built.error:
+            results.append(TestResult(spec.name, "error", reason=built.error))
+            continue
+        path = placed.get(spec.name, "")
+        if path.startswith("!"):
+            results.append(TestResult(spec.name, "error", reason=path[1:]))
+            continue
+        timeout = spec.timeout or default_timeout
+        line = command_line(built, path, timeout, env)
+        started = time.monotonic()
+        try:
+            done = remote.run(line, timeout=timeout + GRACE)
+        except CommandTimeout as e:
+            if path:
+                kill_leftovers(remote, path)
+            results.append(
+                TestResult(
+                    spec.name,
+                    "timeout",
+                    None,
+                    time.monotonic() - started,
+                    e.stdout,
+                    e.stderr,
+                    f"no answer after {timeout + GRACE:g}s",
+                )
+            )
+            continue
+        except ConnectionLost as e:
+            results.append(
+                TestResult(
+                    spec.name,
+                    "error",
+                    None,
+                    time.monotonic() - started,
+                    reason=f"{e.message} (did the kernel crash?)",
+                )
+            )
+            break
+        status, reason = "pass", ""
+        if done.exit_status == 137 and done.duration >= timeout - 1:
+            status, reason = "timeout", f"killed after {timeout:g}s"
+        elif done.exit_status == SKIP_EXIT:
+            status, reason = "skip", _last_line(done.stdout + done.stderr) or "exit 4 (KSFT_SKIP)"
+        elif done.exit_status != 0:
+            status, reason = (
+                "fail",
+                f"exit {done.exit_status}: " + _last_line(done.stderr or done.stdout),
+            )
+        results.append(
+            TestResult(
+                spec.name, status, done.exit_status, done.duration, done.stdout, done.stderr, reason
+            )
+        )
+        log(f"tests: {spec.name}: {status} ({done.duration:.1f}s)")
+    for built in tests[len(results) :]:
+        results.append(TestResult(built.spec.name, "error", reason="not run: the box went away"))
+    return results
+
+
+def _last_line(text: str) -> str:
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def collect_dmesg(remote: Remote, timeout: float = 60) -> str:
+    return remote.run("dmesg", timeout=timeout, check=True).stdout

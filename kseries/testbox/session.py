@@ -1,0 +1,401 @@
+"""`invoke test-remote`: boot a build on one or more boxes, prove it, run the tests, judge.
+
+For each box (several run in parallel threads, like Fabric's ThreadingGroup) and each kernel
+(the build under test, and with --compare the reference too), `BoxSession.run` does:
+
+1. reach the box and record its identity (a local QEMU box that is down is started on its
+   known-good kernel first, unless the method restarts it anyway);
+2. boot the kernel with the box's method;
+3. wait for SSH with backoff under the boot timeout; on a timeout save the console, power-cycle
+   the box back onto a kernel that answers, and stop with "boot failed";
+4. prove the identity (/proc/version and a changed boot_id), else stop with "wrong kernel";
+5. upload and run the tests, collect dmesg and scan it;
+6. keep everything under the output directory: console.log, dmesg.txt, one file per test.
+
+`test_remote` composes these, writes report.json and junit.xml, and returns the runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kseries.config import Config
+from kseries.errors import ToolkitError
+from kseries.paths import PROJECT, cache_dir
+from kseries.testbox import boot, kernel, suite
+from kseries.testbox.box import Box, TestboxConfig
+from kseries.testbox.machine import Machine, last_lines, write_console
+from kseries.testbox.report import Run
+from kseries.testbox.runner import collect_dmesg, run_tests, scan_dmesg
+from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A kernel to run, with the label its column gets."""
+
+    label: str
+    kernel: kernel.Kernel
+
+
+class BoxSession:
+    """One box, driven through one or more kernels in turn."""
+
+    def __init__(
+        self,
+        box: Box,
+        *,
+        trust_new_host: bool = False,
+        dmesg_ignore: Sequence[str] = (),
+        log: Log = print,
+    ) -> None:
+        self.box = box
+        self.log = lambda m: log(f"{box.name}: {m}")
+        self.machine = Machine(box, trust_new_host=trust_new_host, log=self.log)
+        self.dmesg_ignore = tuple(dmesg_ignore)
+        self.method = boot.method(box.method)
+
+    # --- the parts of a run --------------------------------------------------------------------
+
+    def staged(self, subject: kernel.Kernel) -> boot.Staged:
+        box, qemu = self.box, self.machine.qemu
+        initrd_path = box.initrd or (qemu.initramfs() if qemu else None)
+        cmdline = qemu.kernel_cmdline(box.cmdline) if qemu else box.cmdline
+        if qemu is not None and self.method.name == "qemu":
+            # QEMU reads the image from disk at start: give it a private copy, so a rebuild of
+            # the tree's bzImage in the meantime cannot change what boots.
+            private = qemu.dir / "kernels" / f"bzImage-{subject.sha256[:12]}"
+            if not private.is_file():
+                private.parent.mkdir(parents=True, exist_ok=True)
+                partial = private.with_suffix(".partial")
+                partial.write_bytes(subject.data)
+                partial.replace(private)
+            subject = replace(subject, path=private)
+        initrd = initrd_path.read_bytes() if initrd_path else None
+        return boot.Staged(subject, initrd, initrd_path, cmdline)
+
+    def reach(self) -> boot.Identity | None:
+        """The identity before the switch; None when a local box is (re)started anyway."""
+        qemu = self.machine.qemu
+        if qemu is not None and not qemu.running():
+            if self.method.name == "qemu":
+                return None
+            good = qemu.good()
+            if good is None:
+                raise ToolkitError(
+                    f"box {self.box.name} is down and has no known-good kernel to start on",
+                    "start it once: invoke testbox.up --box " + self.box.name,
+                )
+            self.log("box is down: starting it on its known-good kernel first")
+            qemu.start(good[0], initrd=good[1])
+            self.machine.wait_for_ssh(self.box.timeouts.boot)
+        elif qemu is not None and self.method.name == "qemu":
+            try:
+                self.machine.wait_for_ssh(self.box.timeouts.connect)
+            except Unreachable:
+                return None  # it is restarted anyway
+        else:
+            self.machine.wait_for_ssh(self.box.timeouts.connect)
+        return boot.identify(self.machine.remote())
+
+    def run(self, subject: Subject, tests: Sequence[suite.Built], directory: Path) -> Run:
+        directory.mkdir(parents=True, exist_ok=True)
+        k = subject.kernel
+        record = Run(self.box.name, subject.label, k.to_json(), directory=directory)
+        started = time.monotonic()
+        mark = self.machine.console_mark()
+        try:
+            self._run(record, subject, tests, directory, mark)
+        except HostKeyError as e:
+            record.verdict, record.reason = "error", f"{e.message} (hint: {e.hint})"
+        except ToolkitError as e:
+            record.verdict, record.reason = "error", str(e)
+            self._ensure_answering(record)
+        finally:
+            record.timings["total"] = time.monotonic() - started
+            console = write_console(self.machine, mark, directory / "console.log")
+            if console:
+                record.files["console"] = str(console)
+            self.machine.disconnect()
+            (directory / "run.json").write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        self.log(
+            f"{subject.label}: {record.verdict}" + (f": {record.reason}" if record.reason else "")
+        )
+        return record
+
+    def _run(
+        self,
+        record: Run,
+        subject: Subject,
+        tests: Sequence[suite.Built],
+        directory: Path,
+        mark: int | None,
+    ) -> None:
+        box, machine = self.box, self.machine
+        t = time.monotonic()
+        try:
+            before = self.reach()
+        except Unreachable as e:
+            record.verdict, record.reason = "unreachable", e.message
+            record.recovery = self._recover()
+            if not record.recovery.startswith("FAILED"):
+                record.reason += "; it answers again after the power cycle, but was not tested"
+            return
+        record.timings["reach"] = time.monotonic() - t
+        record.before = before.to_json() if before else None
+        staged = self.staged(subject.kernel)
+        t = time.monotonic()
+        mark = machine.console_mark() if mark is None else mark
+        try:
+            record.timings.update(self.method.boot(machine, staged, self.log))
+        except boot.BootError as e:
+            record.verdict, record.reason = "boot failed", str(e)
+            self._ensure_answering(record)
+            return
+        except UploadError as e:
+            record.verdict, record.reason = "error", str(e)
+            return
+        record.timings["switch"] = time.monotonic() - t
+        try:
+            machine.wait_for_ssh(box.timeouts.boot, what="SSH on the new kernel")
+        except Unreachable as e:
+            record.timings["boot"] = time.monotonic() - t
+            record.verdict, record.reason = "boot failed", e.message
+            record.console_tail = last_lines(machine.console_since(mark))
+            record.recovery = self._recover()
+            return
+        record.timings["boot"] = time.monotonic() - t
+        record.timings["to_ssh"] = record.timings["boot"] - record.timings["switch"]
+        after = boot.identify(machine.remote())
+        record.after = after.to_json()
+        problems = boot.prove(subject.kernel, before, after)
+        if problems:
+            record.verdict, record.reason = "wrong kernel", "; ".join(problems)
+            return
+        self.log(
+            f"{subject.label}: proven: {after.proc_version.split(' (')[0]} "
+            f"{subject.kernel.utsversion}, boot_id {after.boot_id[:8]}"
+        )
+        if machine.qemu is not None and staged.initrd_path is not None:
+            machine.qemu.remember_good(staged.kernel.data, staged.initrd_path, record.after)
+        t = time.monotonic()
+        remote = machine.remote()
+        env = {"KSERIES_BOX": box.name, **box.env}
+        record.tests = run_tests(
+            remote,
+            tests,
+            workdir=box.workdir,
+            default_timeout=box.timeouts.test,
+            env=env,
+            log=self.log,
+        )
+        record.timings["tests"] = time.monotonic() - t
+        tests_dir = directory / "tests"
+        tests_dir.mkdir(exist_ok=True)
+        for result in record.tests:
+            (tests_dir / f"{result.name}.out").write_text(
+                f"# {result.status} exit={result.exit_status} {result.duration:.2f}s "
+                f"{result.reason}\n{result.stdout}"
+                + (f"\n# --- stderr ---\n{result.stderr}" if result.stderr else "")
+            )
+        try:
+            dmesg = collect_dmesg(machine.remote())
+        except Unreachable:
+            record.verdict, record.reason = "fail", "the box stopped answering during the tests"
+            record.console_tail = last_lines(machine.console_since(mark))
+            record.recovery = self._recover()
+            return
+        (directory / "dmesg.txt").write_text(dmesg)
+        record.files["dmesg"] = str(directory / "dmesg.txt")
+        record.splats = scan_dmesg(dmesg, self.dmesg_ignore)
+        record.conclude()
+
+    def _recover(self) -> str:
+        try:
+            return self.machine.recover()
+        except ToolkitError as e:
+            return f"FAILED: {e}"
+
+    def _ensure_answering(self, record: Run) -> None:
+        """After an error, make sure the box still answers; bring it back if not."""
+        try:
+            self.machine.wait_for_ssh(self.box.timeouts.connect)
+        except HostKeyError:
+            return
+        except Unreachable:
+            record.recovery = self._recover()
+        except ToolkitError as e:
+            record.recovery = f"FAILED: {e}"
+
+
+# --- the reference kernel for --compare ----------------------------------------------------------
+
+
+def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) -> kernel.Kernel:
+    """--compare REF: a bzImage or manifest path, or a git ref of the tested kernel's tree,
+    built by the build stage in a detached worktree under ~/.cache/kseries/testbox/compare
+    (kept, so the next comparison rebuilds incrementally)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return kernel.load(str(path))
+    if not under_test.tree:
+        raise ToolkitError(
+            f"--compare {spec}: not a file, and the kernel under test names no tree",
+            "pass a bzImage or manifest, or test a kernel built by `invoke build`",
+        )
+    tree = Path(under_test.tree)
+    done = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--verify", f"{spec}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ToolkitError(
+            f"--compare {spec}: not a file and not a commit in {tree}",
+            "pass a branch, tag or sha of the tree, or a bzImage",
+        )
+    sha = done.stdout.strip()
+    key = hashlib.sha256(str(tree).encode()).hexdigest()[:10]
+    base = cache_dir() / "testbox" / "compare" / f"{tree.name}-{key}"
+    # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: the build stage makes
+    # ccache hash paths relative to the common parent, so the two share cache hits.
+    worktree = base / "default-tree" / "linux"
+    if not (worktree / ".git").exists():
+        log(f"compare: adding a detached worktree of {tree} at {worktree}")
+        base.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["git", "-C", str(tree), "worktree", "add", "--detach", str(worktree), sha],
+            check=True,
+            capture_output=True,
+        )
+    else:
+        subprocess.run(
+            ["git", "-C", str(worktree), "checkout", "-q", "--detach", sha],
+            check=True,
+            capture_output=True,
+        )
+    from kseries import build as build_stage
+
+    pointer = cache_dir() / "build" / "last.json"
+    saved = pointer.read_bytes() if pointer.is_file() else None
+    log(f"compare: building {spec} ({sha[:12]}) with the build stage")
+    try:
+        manifest = build_stage.build(
+            config, tree=str(worktree), out=str(base / "build" / "linux"), log=log
+        )
+    finally:
+        # The reference is not "the last build": keep the pointer on the kernel under test.
+        if saved is not None:
+            pointer.write_bytes(saved)
+    return kernel.load(str(manifest.path))
+
+
+# --- composing it all ------------------------------------------------------------------------
+
+
+def output_dir(out: str) -> Path:
+    if out:
+        return Path(out).expanduser().resolve()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return PROJECT / "out" / "test-remote" / stamp
+
+
+def test_remote(
+    config: Config,
+    *,
+    boxes: Sequence[str] = (),
+    kernel_spec: str = "",
+    tests: Sequence[str] = (),
+    compare: str = "",
+    trust_new_host: bool = False,
+    out: str = "",
+    log: Log = print,
+) -> tuple[list[Run], Path]:
+    """Run the whole thing; return the runs (box-major, reference first) and the output dir."""
+    started = time.monotonic()
+    settings = TestboxConfig.load(config)
+    chosen = [settings.box(name) for name in (boxes or [""])]
+    under_test = kernel.load(kernel_spec)
+    label = "kernel"
+    subjects = [Subject(label, under_test)]
+    if compare:
+        ref = reference(compare, under_test, config, log)
+        same = (ref.kernelrelease, ref.utsversion) == (
+            under_test.kernelrelease,
+            under_test.utsversion,
+        )
+        if same and ref.sha256 != under_test.sha256:
+            raise ToolkitError(
+                f"--compare {compare}: both kernels call themselves {ref.kernelrelease} "
+                f"{ref.utsversion}, so /proc/version could not tell which one a box runs",
+                "rebuild one of them (each build gets its own #N and timestamp)",
+            )
+        subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
+    specs = suite.select(suite.load_tests(settings), tests)
+    tree = Path(under_test.tree) if under_test.tree else None
+    builder = suite.Builder(tree, log=log)
+    built = [builder.build(spec) for spec in specs]
+    for b in built:
+        if b.error:
+            log(f"tests: {b.spec.name} not built: {b.error}")
+    directory = output_dir(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = settings.settings().get("dmesg_ignore", [])
+    lock = threading.Lock()
+
+    def locked_log(message: str) -> None:
+        with lock:
+            log(message)
+
+    def one_box(box: Box) -> list[Run]:
+        session = BoxSession(
+            box, trust_new_host=trust_new_host, dmesg_ignore=ignore, log=locked_log
+        )
+        return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
+
+    if len(chosen) == 1:
+        runs = one_box(chosen[0])
+    else:
+        with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
+            runs = [r for group in pool.map(one_box, chosen) for r in group]
+    from kseries.testbox import report
+
+    report.write(
+        directory,
+        runs,
+        {
+            "kernel": under_test.to_json(),
+            "compare": compare or None,
+            "boxes": [b.name for b in chosen],
+            "tests": [s.name for s in specs],
+            "wall_time_s": round(time.monotonic() - started, 3),
+            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    )
+    latest = directory.parent / "latest"
+    if not out and (not latest.exists() or latest.is_symlink()):
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(directory.name)
+    return runs, directory
+
+
+def _ref_name(spec: str) -> str:
+    """A short column name: the git ref as given, or the directory holding the file."""
+    path = Path(spec).expanduser()
+    return path.parent.name if path.is_file() else spec
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)

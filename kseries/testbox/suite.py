@@ -1,0 +1,256 @@
+"""The tests a box runs, as data: `[[test]]` entries and `[recipe.NAME]` build recipes in
+configs/testboxes.toml. Adding a test touches no Python.
+
+A test is one of:
+- `command`: a shell command run on the box as is (the smoke test);
+- `binary`: a local executable, uploaded and run with `args`;
+- `recipe` + `target`: a program built on this machine by a recipe (e.g. a KVM selftest built
+  statically from the kernel's own tree, so it runs in the initramfs), then uploaded and run.
+
+Recipes are shell commands with placeholders: {tree} (the kernel tree the kernel under test was
+built from), {out} (the recipe's build directory under ~/.cache/kseries/testbox/build), {target},
+{headers} (the tree's UAPI headers from `make headers_install`, when the recipe says
+`headers = true`) and {jobs}. They run outside the tree's git state: all output goes to {out}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kseries.errors import ToolkitError
+from kseries.paths import cache_dir
+from kseries.testbox.box import FILE, TestboxConfig
+
+Log = Callable[[str], None]
+TEST_KEYS = {
+    "name",
+    "command",
+    "binary",
+    "recipe",
+    "target",
+    "args",
+    "timeout",
+    "env",
+    "description",
+    "default",
+}
+RECIPE_KEYS = {"command", "output", "headers", "description", "strip"}
+SKIP_EXIT = 4  # kselftest's KSFT_SKIP
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    command: str
+    output: str
+    headers: bool = False
+    strip: bool = True  # strip debug info before upload (smaller, faster to send)
+
+
+@dataclass(frozen=True)
+class TestSpec:
+    name: str
+    command: str = ""
+    binary: str = ""
+    recipe: Recipe | None = None
+    target: str = ""
+    args: tuple[str, ...] = ()
+    timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    default: bool = True  # part of the run when --tests is not given
+
+    @property
+    def needs_upload(self) -> bool:
+        return bool(self.binary or self.recipe)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A test ready to run: its spec and, for an uploaded program, the bytes to send."""
+
+    spec: TestSpec
+    data: bytes | None = None
+    source: Path | None = None
+    error: str = ""  # why it could not be built (the test then reports "error")
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else ""
+
+
+def load_tests(config: TestboxConfig) -> list[TestSpec]:
+    recipes = {}
+    for name, table in config.data.get("recipe", {}).items():
+        _check(table, RECIPE_KEYS, f"{FILE} [recipe.{name}]")
+        if "command" not in table or "output" not in table:
+            raise ToolkitError(f"{FILE} [recipe.{name}]: needs command and output", "see file")
+        recipes[name] = Recipe(
+            name,
+            str(table["command"]),
+            str(table["output"]),
+            bool(table.get("headers", False)),
+            bool(table.get("strip", True)),
+        )
+    tests = []
+    for number, table in enumerate(config.data.get("test", []), 1):
+        where = f"{FILE} [[test]] #{number}"
+        _check(table, TEST_KEYS, where)
+        name = table.get("name")
+        if not name:
+            raise ToolkitError(f"{where}: no name", "give every test a name")
+        kinds = [k for k in ("command", "binary", "recipe") if table.get(k)]
+        if len(kinds) != 1:
+            raise ToolkitError(
+                f"{where} ({name}): set exactly one of command, binary or recipe",
+                "command runs on the box; binary and recipe upload a program",
+            )
+        recipe = None
+        if table.get("recipe"):
+            recipe = recipes.get(table["recipe"])
+            if recipe is None:
+                raise ToolkitError(
+                    f"{where} ({name}): no [recipe.{table['recipe']}]",
+                    f"recipes: {', '.join(sorted(recipes)) or 'none'}",
+                )
+            if not table.get("target"):
+                raise ToolkitError(f"{where} ({name}): a recipe test needs a target", "")
+        binary = str(table.get("binary", ""))
+        if binary and "{" not in binary:
+            binary = str((config.directory / Path(binary).expanduser()).resolve())
+        tests.append(
+            TestSpec(
+                name=str(name),
+                command=str(table.get("command", "")),
+                binary=binary,
+                recipe=recipe,
+                target=str(table.get("target", "")),
+                args=tuple(str(a) for a in table.get("args", ())),
+                timeout=float(table["timeout"]) if "timeout" in table else None,
+                env={str(k): str(v) for k, v in table.get("env", {}).items()},
+                description=str(table.get("description", "")),
+                default=bool(table.get("default", True)),
+            )
+        )
+    names = [t.name for t in tests]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ToolkitError(f"{FILE}: duplicate test names {', '.join(duplicates)}", "rename")
+    return tests
+
+
+def select(tests: Sequence[TestSpec], names: Sequence[str]) -> list[TestSpec]:
+    """The named tests in the order asked (default: every test with default = true)."""
+    if not names:
+        return [t for t in tests if t.default]
+    by_name = {t.name: t for t in tests}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ToolkitError(
+            f"unknown test {', '.join(unknown)}",
+            f"tests in configs/{FILE}: {', '.join(by_name)}",
+        )
+    return [by_name[n] for n in names]
+
+
+def _check(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ToolkitError(
+            f"{where}: unknown setting {', '.join(unknown)}",
+            f"known settings: {', '.join(sorted(allowed))}",
+        )
+
+
+class Builder:
+    """Builds the recipe tests of one kernel tree into ~/.cache/kseries/testbox/build/KEY/."""
+
+    def __init__(self, tree: Path | None, *, jobs: int = 0, log: Log = lambda _: None) -> None:
+        self.tree = tree
+        self.jobs = jobs or os.cpu_count() or 1
+        self.log = log
+        key = hashlib.sha256(str(tree).encode()).hexdigest()[:10] if tree else "none"
+        self.root = cache_dir() / "testbox" / "build" / f"{tree.name if tree else 'none'}-{key}"
+        self._headers: Path | None = None
+
+    def headers(self, log_file: Path) -> Path:
+        """`make headers_install` of the tree into our own O= directory (incremental)."""
+        if self._headers is None:
+            assert self.tree is not None
+            out = self.root / "headers"
+            self._run(
+                ["make", "-s", "-C", str(self.tree), f"O={out}", "headers_install"],
+                log_file,
+                "headers_install",
+            )
+            self._headers = out / "usr" / "include"
+        return self._headers
+
+    def build(self, spec: TestSpec) -> Built:
+        if spec.command:
+            return Built(spec)
+        try:
+            if spec.binary:
+                path = Path(spec.binary.format(tree=self.tree or ""))
+                if not path.is_file():
+                    raise ToolkitError(f"{path}: no such file", "build it or fix the path")
+                return Built(spec, path.read_bytes(), path)
+            return self._recipe(spec)
+        except ToolkitError as e:
+            return Built(spec, error=str(e))
+
+    def _recipe(self, spec: TestSpec) -> Built:
+        recipe = spec.recipe
+        assert recipe is not None
+        if self.tree is None:
+            raise ToolkitError(
+                f"test {spec.name}: no kernel tree to build {spec.target} from",
+                "test a kernel with a build manifest (invoke build), which names its tree",
+            )
+        out = self.root / recipe.name
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = out / "build.log"
+        values = {
+            "tree": str(self.tree),
+            "out": str(out),
+            "target": spec.target,
+            "jobs": str(self.jobs),
+        }
+        if recipe.headers:
+            values["headers"] = str(self.headers(log_file))
+        quoted = {k: shlex.quote(v) for k, v in values.items()}
+        command = recipe.command.format(**quoted)
+        self._run(["sh", "-c", command], log_file, f"{recipe.name} {spec.target}")
+        output = Path(recipe.output.format(**values))
+        if not output.is_file():
+            raise ToolkitError(f"recipe {recipe.name} made no {output}", f"see {log_file}")
+        if recipe.strip:
+            stripped = output.with_name(output.name + ".stripped")
+            if not stripped.is_file() or stripped.stat().st_mtime < output.stat().st_mtime:
+                subprocess.run(
+                    ["strip", "--strip-debug", "-o", str(stripped), str(output)],
+                    check=True,
+                    capture_output=True,
+                )
+            return Built(spec, stripped.read_bytes(), output)
+        return Built(spec, output.read_bytes(), output)
+
+    def _run(self, cmd: list[str], log_file: Path, what: str) -> None:
+        with log_file.open("a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+        if done.returncode != 0:
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+            first = next((x for x in tail if "rror" in x), tail[-1] if tail else "")
+            raise ToolkitError(
+                f"building {what} failed (exit {done.returncode}): {first.strip()}",
+                f"the whole output is in {log_file}",
+            )

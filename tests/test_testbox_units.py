@@ -1,0 +1,356 @@
+"""The test-box stage's pure parts: config parsing, the initramfs archive, kernel identity,
+the dmesg scan, the grub entry lookup, reports. Fast; no box, no network."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from kseries.config import Config
+from kseries.errors import ToolkitError
+from kseries.paths import PROJECT
+from kseries.testbox import boot, initramfs, kernel, report, runner, suite
+from kseries.testbox.box import TestboxConfig, parse_box
+
+
+def configs(tmp_path: Path, testboxes: str) -> Config:
+    directory = tmp_path / "configs"
+    directory.mkdir(exist_ok=True)
+    (directory / "series.toml").write_text("")
+    (directory / "testboxes.toml").write_text(testboxes)
+    return Config.load(directory)
+
+
+def fake_bzimage(
+    version: bytes = b"7.2.13+ (u@h) #9 SMP PREEMPT Thu Jan  1 00:00:00 UTC 2026",
+) -> bytes:
+    data = bytearray(0x1000)
+    data[0x202:0x206] = b"HdrS"
+    data[0x20E:0x210] = (0x400 - 0x200).to_bytes(2, "little")
+    data[0x400 : 0x400 + len(version) + 1] = version + b"\0"
+    return bytes(data)
+
+
+# --- boxes -------------------------------------------------------------------------------------
+
+
+def test_project_testboxes_parse() -> None:
+    settings = TestboxConfig.load(Config.load(PROJECT / "configs"))
+    local = settings.box("local")
+    assert local.method == "qemu" and local.qemu and local.qemu.cpu == "max"
+    assert settings.box("local-shadow").qemu.cpu.startswith("qemu64,+svm,")
+    tests = suite.load_tests(settings)
+    names = [t.name for t in suite.select(tests, [])]
+    assert names[:2] == ["smoke", "memory_fault_exit_test"]
+    assert "set_memory_region_test" not in names  # default = false
+    recipe = next(t for t in tests if t.name == "memory_fault_exit_test").recipe
+    assert recipe and recipe.headers and "LDFLAGS=-static" in recipe.command
+
+
+def test_box_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match=r"\[box.x\]: unknown setting colour"):
+        parse_box("x", {"method": "kexec", "colour": "red"}, tmp_path, "testboxes.toml [box.x]")
+    with pytest.raises(ToolkitError, match="method 'ssh' is not one of"):
+        parse_box("x", {"method": "ssh"}, tmp_path, "[box.x]")
+    with pytest.raises(ToolkitError, match="needs host, identity, known_hosts"):
+        parse_box("x", {"method": "kexec"}, tmp_path, "[box.x]")
+    with pytest.raises(ToolkitError, match="accel must be"):
+        parse_box("x", {"qemu": {"accel": "hvf"}}, tmp_path, "[box.x]")
+
+
+def test_remote_box_paths_are_relative_to_configs(tmp_path: Path) -> None:
+    box = parse_box(
+        "lab",
+        {
+            "method": "grub-reboot",
+            "host": "h",
+            "identity": "keys/id",
+            "known_hosts": "kh",
+            "power_cycle": "ipmitool chassis power cycle",
+            "timeouts": {"boot": 600},
+        },
+        tmp_path,
+        "[box.lab]",
+    )
+    assert box.identity == tmp_path / "keys/id" and box.known_hosts == tmp_path / "kh"
+    assert box.timeouts.boot == 600 and box.timeouts.connect == 10 and box.port == 22
+    assert box.address() == "root@h:22"
+
+
+def test_local_toml_boxes_merge_over_testboxes(tmp_path: Path) -> None:
+    config = configs(tmp_path, '[testbox]\ndefault = "a"\n[box.a]\nqemu = {}\n')
+    (config.directory / "local.toml").write_text(
+        '[testbox]\ndefault = "b"\n[box.b]\nmethod = "kexec"\nhost = "b"\nidentity = "i"\n'
+        'known_hosts = "k"\n'
+    )
+    settings = TestboxConfig.load(Config.load(config.directory))
+    assert settings.names() == ["a", "b"] and settings.box().name == "b"
+
+
+# --- tests as data ---------------------------------------------------------------------------
+
+
+def test_tests_need_exactly_one_kind(tmp_path: Path) -> None:
+    bad = [
+        '[[test]]\nname = "t"\n',
+        '[[test]]\nname = "t"\ncommand = "true"\nbinary = "x"\n',
+        '[[test]]\nname = "t"\nrecipe = "nope"\ntarget = "x"\n',
+        '[[test]]\nname = "t"\ncommand = "a"\n[[test]]\nname = "t"\ncommand = "b"\n',
+        '[[test]]\nname = "t"\ncommand = "a"\ntimout = 3\n',
+    ]
+    for text in bad:
+        with pytest.raises(ToolkitError):
+            suite.load_tests(TestboxConfig.load(configs(tmp_path, text)))
+    tests = suite.load_tests(
+        TestboxConfig.load(configs(tmp_path, '[[test]]\nname = "a"\ncommand = "true"\n'))
+    )
+    with pytest.raises(ToolkitError, match="unknown test b"):
+        suite.select(tests, ["b"])
+
+
+def test_recipe_builds_into_its_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text = (
+        '[recipe.cc]\ncommand = "gcc -static -O2 -o {out}/hello {tree}/{target}"\n'
+        'output = "{out}/hello"\n'
+        '[[test]]\nname = "hello"\nrecipe = "cc"\ntarget = "hello.c"\n'
+        '[[test]]\nname = "broken"\nrecipe = "cc"\ntarget = "missing.c"\n'
+    )
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "hello.c").write_text("int main(void) { return 0; }\n")
+    specs = suite.load_tests(TestboxConfig.load(configs(tmp_path, text)))
+    builder = suite.Builder(tree)
+    hello, broken = (builder.build(s) for s in specs)
+    assert hello.data and hello.data[:4] == b"\x7fELF" and not hello.error
+    assert hello.source and hello.source.is_relative_to(tmp_path / "cache")
+    assert "building cc missing.c failed" in broken.error and broken.data is None
+
+
+# --- the initramfs -----------------------------------------------------------------------------
+
+
+def test_cpio_archive_is_valid_and_reproducible(tmp_path: Path) -> None:
+    archive = initramfs.Archive()
+    archive.file("etc/rc", b"#!/bin/sh\n", 0o755)
+    archive.symlink("init", "/bin/busybox")
+    archive.chardev("dev/console", 5, 1)
+    data = archive.cpio()
+    assert data == archive.cpio()
+    listing = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout
+    text = listing.decode()
+    assert "crw-------" in text and "dev/console" in text
+    assert "init -> /bin/busybox" in text and "-rwxr-xr-x" in text
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="busybox-static not installed")
+def test_initramfs_has_the_box_userspace(tmp_path: Path) -> None:
+    keys = initramfs.Keys(tmp_path / "keys").ensure()
+    image = initramfs.build(tmp_path / "initramfs.cpio.gz", keys)
+    stamp = image.with_name(image.name + ".inputs").read_text()
+    assert (
+        initramfs.build(image, keys) == image
+        and image.with_name(image.name + ".inputs").read_text() == stamp
+    )
+    names = (
+        subprocess.run(
+            ["cpio", "-it"],
+            input=gzip.decompress(image.read_bytes()),
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split()
+    )
+    for needed in (
+        "init",
+        "bin/sh",
+        "usr/sbin/dropbear",
+        "usr/sbin/kexec",
+        "etc/rc",
+        "root/.ssh/authorized_keys",
+        "lib64/ld-linux-x86-64.so.2",
+        initramfs.HOST_KEY.lstrip("/"),
+    ):
+        assert needed in names
+    assert keys.host_public().startswith("ssh-ed25519 ")
+    assert initramfs.Keys(tmp_path / "keys").ensure().host_public() == keys.host_public()
+
+
+# --- kernel identity -----------------------------------------------------------------------------
+
+
+def test_image_version_and_identity_proof(tmp_path: Path) -> None:
+    image = tmp_path / "bzImage"
+    image.write_bytes(fake_bzimage())
+    k = kernel.load(str(image))
+    assert (k.kernelrelease, k.utsversion) == (
+        "7.2.13+",
+        "#9 SMP PREEMPT Thu Jan  1 00:00:00 UTC 2026",
+    )
+    version = "Linux version 7.2.13+ (u@h) (gcc 12.2.0) #9 SMP PREEMPT Thu Jan  1 00:00:00 UTC 2026"
+    before = boot.Identity("Linux version 7.2.13+ (u@h) (gcc) #8 SMP PREEMPT Wed", "id-1")
+    assert boot.prove(k, before, boot.Identity(version, "id-2")) == []
+    same_boot = boot.prove(k, before, boot.Identity(version, "id-1"))
+    assert len(same_boot) == 1 and "never rebooted" in same_boot[0]
+    other = boot.prove(k, before, boot.Identity(before.proc_version, "id-2"))
+    assert len(other) == 1 and "not 7.2.13+ #9" in other[0]
+    with pytest.raises(ToolkitError, match="not an x86 bzImage"):
+        kernel.image_version(b"\0" * 0x1000)
+
+
+def test_manifest_is_read_defensively(tmp_path: Path) -> None:
+    image = tmp_path / "bzImage"
+    image.write_bytes(fake_bzimage())
+    good = kernel.load(str(image))
+    shapes = [
+        {"bzimage": {"path": str(image), "sha256": good.sha256, "size": 1}, "tree": "/t"},
+        {"bzimage": "bzImage", "sha256": good.sha256},  # relative, flat
+    ]
+    for shape in shapes:
+        (tmp_path / "manifest.json").write_text(
+            json.dumps(
+                {**shape, "kernelrelease": "7.2.13+", "utsversion": good.utsversion, "extra": 1}
+            )
+        )
+        loaded = kernel.load(str(tmp_path / "manifest.json"))
+        assert loaded.sha256 == good.sha256 and loaded.manifest == tmp_path / "manifest.json"
+    assert kernel.load(str(image)).manifest == tmp_path / "manifest.json"  # found next to it
+    (tmp_path / "manifest.json").write_text(json.dumps({"bzimage": str(image), "sha256": "0" * 64}))
+    with pytest.raises(ToolkitError, match="changed since"):
+        kernel.load(str(tmp_path / "manifest.json"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"bzimage": str(image), "utsversion": "#1"}))
+    with pytest.raises(ToolkitError, match="says utsversion"):
+        kernel.load(str(tmp_path / "manifest.json"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"target": "modules", "bzimage": None}))
+    with pytest.raises(ToolkitError, match="names no bzImage"):
+        kernel.load(str(tmp_path / "manifest.json"))
+
+
+def test_real_build_manifest_if_present() -> None:
+    """The build stage's manifest as it really is on this machine (skipped before a build)."""
+    manifests = sorted(Path.home().glob(".cache/kseries/build/*/arch/x86/boot/manifest.json"))
+    if not manifests:
+        pytest.skip("no `invoke build` manifest yet")
+    facts = kernel.read_manifest(manifests[0])
+    assert facts["bzimage"].name == "bzImage" and facts["kernelrelease"] and facts["utsversion"]
+
+
+# --- dmesg -------------------------------------------------------------------------------------
+
+
+def test_dmesg_scan_finds_splats_and_ignores_the_noiommu_taint() -> None:
+    dmesg = "\n".join(
+        [
+            "[    1.0] kvm_amd: Nested Paging enabled",
+            "[    2.0] vfio-pci 0000:00:03.0: Adding kernel taint for vfio-noiommu group on device",
+            "[    3.0] WARNING: CPU: 0 PID: 75 at arch/x86/kvm/mmu/mmu.c:3534 direct_map+0x1/0x2",
+            "[    3.1] Call Trace:",
+            "[    4.0] BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            "[    5.0] Oops: 0000 [#1] PREEMPT SMP",
+            "[    6.0] kvm: KVM_BUG_ON(...) hit",
+        ]
+    )
+    hits = runner.scan_dmesg(dmesg)
+    assert [h.line_number for h in hits] == [3, 4, 5, 6, 7]
+    assert hits[0].context[0].endswith("Call Trace:")
+    assert runner.scan_dmesg(dmesg, ignore=[r"direct_map"])[0].line_number == 4
+    assert runner.scan_dmesg(dmesg.splitlines()[1]) == []
+
+
+# --- grub ---------------------------------------------------------------------------------------
+
+GRUB_CFG = """\
+menuentry 'Debian GNU/Linux' --class debian $menuentry_id_option 'gnulinux-simple-UUID' {
+\tlinux\t/boot/vmlinuz-6.1.0-13-amd64 root=UUID=x ro quiet
+}
+submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-advanced-UUID' {
+\tmenuentry 'Debian GNU/Linux, with Linux 7.2.13+-kseries' --class debian $menuentry_id_option 'gnulinux-7.2.13+-kseries-advanced-UUID' {
+\t\tif [ x$feature_all_video_module = xy ]; then
+\t\t  insmod all_video
+\t\tfi
+\t\tlinux\t/boot/vmlinuz-7.2.13+-kseries root=UUID=x ro quiet
+\t}
+}
+"""  # noqa: E501
+
+
+def test_grub_entry_is_found_by_its_image() -> None:
+    entry = boot.grub_entry(GRUB_CFG, "vmlinuz-7.2.13+-kseries")
+    assert entry == "gnulinux-advanced-UUID>gnulinux-7.2.13+-kseries-advanced-UUID"
+    assert boot.grub_entry(GRUB_CFG, "vmlinuz-6.1.0-13-amd64") == "gnulinux-simple-UUID"
+    with pytest.raises(boot.BootError, match="no menu entry"):
+        boot.grub_entry(GRUB_CFG, "vmlinuz-none")
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def test_report_json_junit_and_table(tmp_path: Path) -> None:
+    ident = {"proc_version": "Linux version 7.2.13+", "boot_id": "b"}
+    base = report.Run("local", "ref base", {"kernelrelease": "7.2.13"}, after=ident)
+    base.tests = [
+        runner.TestResult("new_test", "fail", 1, 0.5, "out", "err", "exit 1: boom"),
+        runner.TestResult("old_test", "pass", 0, 0.1),
+    ]
+    base.conclude()
+    series = report.Run("local", "kernel", {"kernelrelease": "7.2.13+"}, after=ident)
+    series.tests = [
+        runner.TestResult("new_test", "pass", 0, 0.4),
+        runner.TestResult("old_test", "skip", 4, 0.1, reason="no svm"),
+    ]
+    series.splats = runner.scan_dmesg("WARNING: at mmu.c")
+    series.conclude()
+    dead = report.Run(
+        "box2",
+        "kernel",
+        {},
+        verdict="boot failed",
+        reason="no SSH after 5s",
+        console_tail=["Kernel panic - not syncing: No working init found."],
+    )
+    runs = [base, series, dead]
+    assert (base.verdict, series.verdict) == ("fail", "fail")
+    assert not report.overall(runs)
+    assert report.overall(
+        [base, report.Run("local", "kernel", {}, verdict="pass")], {"must_pass": "kernel"}
+    )
+    json_path, junit_path = report.write(tmp_path, runs, {"kernel": {}})
+    data = json.loads(json_path.read_text())
+    assert [r["verdict"] for r in data["runs"]] == ["fail", "fail", "boot failed"]
+    suites = ET.parse(junit_path).getroot().findall("testsuite")
+    assert [s.get("failures") for s in suites] == ["1", "1", "1"]
+    assert suites[1].get("skipped") == "1"
+    assert suites[2].find("testcase/failure").get("message").startswith("boot failed")
+    out = Console(width=120, record=True, color_system=None)
+    out.print(report.table(runs))
+    text = out.export_text()
+    assert "ref base" in text and "FAIL" in text and "boot failed" in text
+    lines = "\n".join(report.details(runs))
+    assert "Kernel panic" in lines and "WARNING: at mmu.c" in lines
+
+
+def test_commands_on_the_box_are_killed_at_their_timeout() -> None:
+    spec = suite.TestSpec("t", binary="/x")
+    line = runner.command_line(suite.Built(spec, b"x"), "/tmp/kseries/tests/t", 30, {"A": "b c"})
+    assert line.startswith("export A='b c'; setsid sh -c /tmp/kseries/tests/t & p=$!; ")
+    assert "( sleep 30; kill -KILL -$p )" in line
+    done = subprocess.run(
+        [
+            "sh",
+            "-c",
+            runner.command_line(
+                suite.Built(suite.TestSpec("t", command="echo hi; sleep 30 & sleep 30")), "", 1, {}
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert (done.returncode, done.stdout) == (137, "hi\n")  # the whole group, at once
