@@ -18,25 +18,16 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
+from common import PROJECT, timed
 
-from kseries import series as series_stage  # noqa: E402
-from kseries.config import Config  # noqa: E402
-from kseries.gitrepo import WorkTree  # noqa: E402
-from kseries.rebase import Rebase, committer_env  # noqa: E402
-from kseries.tree import prepare_default_tree  # noqa: E402
-
-
-def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    started = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
-    return time.perf_counter() - started
+from kseries import series as series_stage
+from kseries.config import Config
+from kseries.gitrepo import WorkTree
+from kseries.rebase import Rebase, committer_env
+from kseries.tree import scratch_clone
 
 
 def b4_time(clone: Path, base: str, branch: str, env: dict[str, str]) -> str:
@@ -73,24 +64,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     rounds = parser.parse_args().rounds
 
-    default = prepare_default_tree(log=lambda _: None)
     series = series_stage.load(Config.load())
     with tempfile.TemporaryDirectory(prefix="kseries-bench-send-") as scratch:
-        clone = Path(scratch) / "linux"
-        subprocess.run(
-            [
-                "git",
-                "clone",
-                "-q",
-                "--shared",
-                "-o",
-                series.base.remote,
-                default.remote_url,
-                str(clone),
-            ],
-            check=True,
-        )
-        subprocess.run(["git", "checkout", "-q", "-b", "master"], cwd=clone, check=True)
+        clone = scratch_clone(Path(scratch) / "linux", remote=series.base.remote)
         tree = WorkTree(clone)
         Rebase(tree, series, log=lambda _: None).start(
             remote=series.base.remote, branch=series.base.branch

@@ -147,6 +147,18 @@ def open_tree(config: Config, override: str = "", log: Callable[[str], None] = p
     )
 
 
+def scratch_clone(dest: Path, remote: str = "kvm-x86", branch: str = "master") -> Path:
+    """A `git clone --shared` of the default tree at `dest`, on `branch` at the base.
+
+    Tests and benchmarks work there, so the cached tree stays as its user left it; the
+    objects are shared, so only the checkout costs time.
+    """
+    default = prepare_default_tree(log=lambda _: None)
+    git(dest.parent, "clone", "-q", "--shared", "-o", remote, default.remote_url, str(dest))
+    git(dest, "checkout", "-q", "-b", branch)
+    return dest
+
+
 # --- the Debian mirror, from the machine's own apt sources ------------------------------------
 
 

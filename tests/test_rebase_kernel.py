@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from kseries import series as series_stage
 from kseries.config import Config
 from kseries.gitrepo import WorkTree
 from kseries.rebase import Rebase
-from kseries.tree import prepare_default_tree
+from kseries.tree import scratch_clone
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def kernel_clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shared clone of the default tree (the cached tree itself stays as the user left it)."""
-    default = prepare_default_tree(log=lambda _: None)
-    clone = tmp_path_factory.mktemp("kernel") / "linux"
-    subprocess.run(
-        ["git", "clone", "-q", "--shared", "-o", "kvm-x86", default.remote_url, str(clone)],
-        check=True,
-    )
-    subprocess.run(["git", "checkout", "-q", "-b", "master"], cwd=clone, check=True)
-    return clone
+    return scratch_clone(tmp_path_factory.mktemp("kernel") / "linux")
 
 
 def test_series_rebases_onto_the_real_tree(kernel_clone: Path) -> None:

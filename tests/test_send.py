@@ -7,7 +7,6 @@ import email
 import email.policy
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import Rebase
 from kseries.send import PartialSend, Postman, SendSettings
-from kseries.tree import prepare_default_tree
+from kseries.tree import scratch_clone
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +50,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> WorkTree:
     """A shared clone of the default tree with the series rebased onto it."""
-    default = prepare_default_tree(log=lambda _: None)
-    clone = tmp_path_factory.mktemp("send") / "linux"
-    subprocess.run(
-        ["git", "clone", "-q", "--shared", "-o", "kvm-x86", default.remote_url, str(clone)],
-        check=True,
-    )
-    subprocess.run(["git", "checkout", "-q", "-b", "master"], cwd=clone, check=True)
-    tree = WorkTree(clone)
+    tree = WorkTree(scratch_clone(tmp_path_factory.mktemp("send") / "linux"))
     Rebase(tree, series_stage.load(Config.load()), log=lambda _: None).start(
         remote="kvm-x86", branch="next"
     )
