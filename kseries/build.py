@@ -22,7 +22,6 @@ toolkit's own files live in its `kseries/` subdirectory (log, step counts, confi
 from __future__ import annotations
 
 import datetime
-import fcntl
 import glob
 import hashlib
 import json
@@ -51,6 +50,7 @@ from kseries import tree as tree_stage
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
+from kseries.locks import exclusive
 from kseries.paths import cache_dir
 
 Log = Callable[[str], None]
@@ -1113,7 +1113,10 @@ def build(
         env.update(_ccache_basedir(work.path, build_dir))
     own = build_dir / "kseries"
     own.mkdir(parents=True, exist_ok=True)
-    with _locked(own / "lock", log), _Source(work) as source:
+    with (
+        exclusive(own / "lock", f"build: waiting for another build in {own.parent}", log),
+        _Source(work) as source,
+    ):
         state = _read_state(own / "state.json")
         with (own / "build.log").open("w") as log_file:
             log_file.write(f"# kseries build of {work.path} in {build_dir}\n")
@@ -1300,15 +1303,3 @@ def _write_atomic(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(text)
     os.replace(partial, path)
-
-
-@contextmanager
-def _locked(path: Path, log: Log) -> Iterator[None]:
-    """One make at a time per build directory: a second build waits for the first."""
-    with path.open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"build: waiting for another build in {path.parent.parent}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield

@@ -11,7 +11,6 @@ so an interrupted run is redone from the last finished step and a finished step 
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import os
 import re
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
+from kseries.locks import exclusive
 from kseries.paths import cache_dir
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -91,7 +91,8 @@ def prepare_default_tree(
     started = time.monotonic()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with _locked(root, log):
+        waiting = f"default tree: waiting for another run to finish with {root}"
+        with exclusive(root / ".lock", waiting, log):
             for stale in root.glob(".*.partial"):  # what an interrupted run left behind
                 shutil.rmtree(stale)
             work = root / "linux"
@@ -565,18 +566,6 @@ def _check_free_space(root: Path) -> None:
             f"{MIN_FREE_BYTES >> 30} GiB",
             "free some space, or point XDG_CACHE_HOME at a bigger disk",
         )
-
-
-@contextmanager
-def _locked(root: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """One preparer at a time per root: a second one waits, then finds the work done."""
-    with (root / ".lock").open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"default tree: waiting for another run to finish with {root}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 @contextmanager
