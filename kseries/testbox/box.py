@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kseries.config import Config, merge, read_toml
+from kseries.config import Config, check_keys, merge, read_toml
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
 
@@ -100,15 +100,6 @@ class Box:
         return f"{self.user}@{self.host}:{port or self.port}"
 
 
-def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ToolkitError(
-            f"{where}: unknown setting {', '.join(unknown)}",
-            f"known settings: {', '.join(sorted(allowed))}",
-        )
-
-
 def _path(value: Any, directory: Path) -> Path | None:
     if value in (None, ""):
         return None
@@ -117,7 +108,7 @@ def _path(value: Any, directory: Path) -> Path | None:
 
 def parse_box(name: str, table: dict[str, Any], directory: Path, where: str) -> Box:
     """One [box.NAME] table; relative paths are taken from the configs directory."""
-    _check_keys(table, BOX_KEYS, where)
+    check_keys(table, BOX_KEYS, where)
     qemu_table = table.get("qemu")
     method = table.get("method", "qemu" if qemu_table is not None else "")
     if method not in METHODS:
@@ -129,7 +120,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: str) -> 
         raise ToolkitError(f'{where}: method "qemu" needs a qemu table', "add qemu = {}")
     qemu = None
     if qemu_table is not None:
-        _check_keys(qemu_table, QEMU_KEYS, f"{where}.qemu")
+        check_keys(qemu_table, QEMU_KEYS, f"{where}.qemu")
         qemu = QemuSettings(
             cpu=str(qemu_table.get("cpu", "max")),
             memory=str(qemu_table.get("memory", "1G")),
@@ -143,7 +134,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: str) -> 
         if qemu.accel not in ("auto", "kvm", "tcg"):
             raise ToolkitError(f"{where}.qemu: accel must be auto, kvm or tcg", "see the file")
     timeouts_table = table.get("timeouts", {})
-    _check_keys(timeouts_table, TIMEOUT_KEYS, f"{where}.timeouts")
+    check_keys(timeouts_table, TIMEOUT_KEYS, f"{where}.timeouts")
     timeouts = Timeouts(**{k: float(v) for k, v in timeouts_table.items()})
     if qemu is None:
         missing = [k for k in ("host", "identity", "known_hosts") if not table.get(k)]

@@ -22,8 +22,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from kseries.config import check_keys
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
 from kseries.testbox.box import FILE, TestboxConfig
@@ -89,7 +89,7 @@ class Built:
 def load_tests(config: TestboxConfig) -> list[TestSpec]:
     recipes = {}
     for name, table in config.data.get("recipe", {}).items():
-        _check(table, RECIPE_KEYS, f"{FILE} [recipe.{name}]")
+        check_keys(table, RECIPE_KEYS, f"{FILE} [recipe.{name}]")
         if "command" not in table or "output" not in table:
             raise ToolkitError(f"{FILE} [recipe.{name}]: needs command and output", "see file")
         recipes[name] = Recipe(
@@ -102,7 +102,7 @@ def load_tests(config: TestboxConfig) -> list[TestSpec]:
     tests = []
     for number, table in enumerate(config.data.get("test", []), 1):
         where = f"{FILE} [[test]] #{number}"
-        _check(table, TEST_KEYS, where)
+        check_keys(table, TEST_KEYS, where)
         name = table.get("name")
         if not name:
             raise ToolkitError(f"{where}: no name", "give every test a name")
@@ -158,15 +158,6 @@ def select(tests: Sequence[TestSpec], names: Sequence[str]) -> list[TestSpec]:
             f"tests in configs/{FILE}: {', '.join(by_name)}",
         )
     return [by_name[n] for n in names]
-
-
-def _check(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ToolkitError(
-            f"{where}: unknown setting {', '.join(unknown)}",
-            f"known settings: {', '.join(sorted(allowed))}",
-        )
 
 
 class Builder:
