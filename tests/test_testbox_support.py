@@ -141,14 +141,7 @@ def start_sshd(directory: Path, identity: Path) -> Server:
         "mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && "
         f"exec /usr/sbin/sshd -D -e -f {directory / 'sshd_config'}"
     )
-    log = (directory / "sshd.log").open("wb")
-    process = subprocess.Popen(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-    )
-    wait_port(port)
+    process = _serve(script, directory / "sshd.log", port)
     return Server("openssh", port, directory, public(host_key), identity, process)
 
 
@@ -177,15 +170,20 @@ def start_dropbear(directory: Path, identity: Path) -> Server:
         f"mount --bind {home} /root && exec /usr/sbin/dropbear -F -E -s -g -c {wrapper} "
         f"-p 127.0.0.1:{port} -r {host_key} -P {directory / 'dropbear.pid'}"
     )
-    log = (directory / "dropbear.log").open("wb")
+    process = _serve(script, directory / "dropbear.log", port)
+    return Server("dropbear", port, directory, host_public, identity, process)
+
+
+def _serve(script: str, log: Path, port: int) -> subprocess.Popen:
+    """Run a server's shell script in a private mount namespace; return once it listens."""
     process = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-        stdout=log,
-        stderr=log,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
     wait_port(port)
-    return Server("dropbear", port, directory, host_public, identity, process)
+    return process
 
 
 class BlackHole:
