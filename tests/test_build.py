@@ -30,6 +30,7 @@ from kseries.build import STEP, BuildError, KconfigIndex, Manifest
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
+from kseries.testbox import kernel as testbox_kernel
 
 MMU = "arch/x86/kvm/mmu/mmu.c"
 
@@ -351,6 +352,10 @@ def test_real_build_of_the_default_tree(default_build: Manifest, config: Config)
     assert m.bzimage.sha256 == build.sha256_file(image) and m.bzimage.size > 1 << 20
     assert m.path == str(image.parent / "manifest.json")
     assert Manifest.load(Path(m.path)) == m
+    # the test-box stage reads the same file through its own reader: the two must agree
+    facts = testbox_kernel.read_manifest(Path(m.path))
+    assert facts["bzimage"].name == "bzImage" and facts["kernelrelease"] == m.kernelrelease
+    assert facts["utsversion"] == m.utsversion
     assert (
         m.commit
         == subprocess.run(
