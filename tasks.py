@@ -190,6 +190,28 @@ def build(
 
 
 @task(
+    iterable=["gate"],
+    help={
+        "tree": TREE_HELP,
+        "gate": "run only this gate ([[check.gate]] in configs/toolkit.toml); repeat for more",
+    },
+)
+@edge
+def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
+    """Build every commit of the series in each gate's config; fail on new warnings."""
+    from kseries import check as check_stage
+    from kseries.tree import open_tree
+
+    config = Config.load()
+    results = check_stage.check(config, open_tree(config, tree, log), gates=_names(gate), log=log)
+    console.print(check_stage.table(results))
+    for line in check_stage.details(results):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if not all(r.ok for r in results):
+        raise SystemExit(1)
+
+
+@task(
     help={
         "tree": TREE_HELP,
         "out": "directory for the mails (default: out/<branch>/ in this project)",
@@ -249,6 +271,11 @@ def _names(values: list[str] | None) -> list[str]:
         "tests": "tests to run, by name (repeat or comma-separate; default: the default set)",
         "compare": "also test this reference (a git ref of the kernel's tree, built by the build "
         "stage, or a bzImage/manifest) and show both side by side",
+        "cycles": "soak: run the soak tests (vfio-bar-race) for N cycles each",
+        "duration": "soak: run the soak tests for S seconds each (with --cycles: whichever ends "
+        "first)",
+        "trace": "probe the fault path during the tests (kprobe events, [testbox] trace) and "
+        "report calls and return values",
         "trust_new_host": "record an unknown host key in the box's known_hosts (a changed key "
         "is still refused)",
         "out": "output directory (default: out/test-remote/TIMESTAMP)",
@@ -262,6 +289,9 @@ def test_remote(
     kernel: str = "",
     tests: list[str] | None = None,
     compare: str = "",
+    cycles: int = 0,
+    duration: float = 0.0,
+    trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
 ) -> None:
@@ -275,11 +305,16 @@ def test_remote(
         kernel_spec=kernel,
         tests=_names(tests),
         compare=compare,
+        cycles=cycles,
+        duration=duration,
+        trace=trace,
         trust_new_host=trust_new_host,
         out=out,
         log=log,
     )
     console.print(report_stage.table(runs))
+    for soak in report_stage.soak_tables(runs):
+        console.print(soak)
     for line in report_stage.details(runs):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {directory / 'report.json'}, {directory / 'junit.xml'}")
@@ -350,7 +385,9 @@ def testbox_console(c: Context, box: str = "", lines: int = 50) -> None:
 
 
 # The namespace is explicit so stage groups (e.g. `testbox.up`) can sit beside top-level tasks.
-ns = Collection(rebase, export, changelog, prepare, pipeline, build, send_series, test_remote)
+ns = Collection(
+    rebase, export, changelog, prepare, pipeline, build, check, send_series, test_remote
+)
 testbox = Collection("testbox")
 testbox.add_task(testbox_up, name="up")
 testbox.add_task(testbox_down, name="down")

@@ -156,12 +156,15 @@ def sha256_file(path: Path) -> str:
 class BuildConfig:
     """The base config plus the fragments: written to BUILD/.config, then checked."""
 
-    def __init__(self, base: str, fragments: Sequence[Fragment]) -> None:
+    def __init__(self, base: str, fragments: Sequence[Fragment], arch: str = "") -> None:
         self.base = base
         self.fragments = tuple(fragments)
+        self.arch = arch  # make's ARCH; empty: the host's
 
     @classmethod
-    def resolve(cls, base: str, refs: Sequence[str], directory: Path) -> BuildConfig:
+    def resolve(
+        cls, base: str, refs: Sequence[str], directory: Path, arch: str = ""
+    ) -> BuildConfig:
         """Check the base and load the fragments, before any tree or make is touched."""
         if base not in BASES:
             path = Path(base).expanduser()
@@ -180,7 +183,7 @@ class BuildConfig:
                     "pass a .config written by the kernel's make *config",
                 )
             base = str(path.resolve())
-        return cls(base, [Fragment.load(ref, directory) for ref in refs])
+        return cls(base, [Fragment.load(ref, directory) for ref in refs], arch)
 
     def requested(self) -> dict[str, tuple[str, Fragment]]:
         """Every option the fragments ask for, with the fragment that has the last word."""
@@ -192,7 +195,8 @@ class BuildConfig:
 
     def digest(self) -> str:
         """Changes whenever the inputs do: base (name or content) and each fragment's text."""
-        h = hashlib.sha256(f"v{STATE_VERSION}\0{self.base}\0".encode())
+        arch = f"ARCH={self.arch}\0" if self.arch else ""
+        h = hashlib.sha256(f"v{STATE_VERSION}\0{self.base}\0{arch}".encode())
         if self.base not in BASES:
             h.update(Path(self.base).read_bytes())
         for fragment in self.fragments:
@@ -1068,6 +1072,7 @@ def build(
     jobs: int = 0,
     target: str = "",
     distcc: str = "",
+    arch: str = "",
     verbose: bool = False,
     log: Log = print,
     console: Console | None = None,
@@ -1077,7 +1082,8 @@ def build(
 
     Empty arguments fall back to configs/ ([build]: base_config, fragments, target, jobs,
     distcc_hosts, ccache). A bzImage build also becomes the last build (last_build()), the
-    test box's default, unless `set_last` is false (builds of throwaway trees).
+    test box's default, unless `set_last` is false (builds of throwaway trees). `arch` is
+    make's ARCH (e.g. i386 for the 32-bit build of the check stage); empty: the host's.
     Raises ToolkitError for anything the user can fix.
     """
     started = time.monotonic()
@@ -1086,6 +1092,7 @@ def build(
         base_config or settings.get("base_config") or "tinyconfig",
         list(fragments) or list(settings.get("fragments", [])),
         config.directory,
+        arch,
     )
     chosen = Target.resolve(
         target or settings.get("target") or "bzImage", settings.get("targets", {})
@@ -1104,7 +1111,7 @@ def build(
     cpus = os.cpu_count() or 1
     jobs = jobs or int(settings.get("jobs") or 0) or max(cpus, distcc_jobs(hosts))
     env: dict[str, str] = {}
-    make_vars: list[str] = []
+    make_vars: list[str] = [f"ARCH={arch}"] if arch else []
     if hosts:
         make_vars.append("CC=distcc gcc")
         env["DISTCC_HOSTS"] = hosts

@@ -51,6 +51,11 @@ def test_project_testboxes_parse() -> None:
     assert "set_memory_region_test" not in names  # default = false
     recipe = next(t for t in tests if t.name == "memory_fault_exit_test").recipe
     assert recipe and recipe.headers and "LDFLAGS=-static" in recipe.command
+    race = next(t for t in tests if t.name == "vfio-bar-race")
+    assert race.is_soak and race.default and "{project}/tests/box" in race.recipe.command
+    for name in ("local", "local-shadow", "local-viommu"):
+        assert "edu" in settings.box(name).qemu.extra_args  # the device vfio-bar-race takes
+    assert "kvm_mmu_faultin_pfn" in settings.settings()["trace"]
 
 
 def test_box_errors_name_the_file_and_key(tmp_path: Path) -> None:
@@ -329,7 +334,9 @@ def test_report_json_junit_and_table(tmp_path: Path) -> None:
 
 def test_commands_on_the_box_are_killed_at_their_timeout() -> None:
     spec = suite.TestSpec("t", binary="/x")
-    line = runner.command_line(suite.Built(spec, b"x"), "/tmp/kseries/tests/t", 30, {"A": "b c"})
+    line = runner.command_line(
+        suite.Built(spec, b"x"), [], "/tmp/kseries/tests/t", 30, {"A": "b c"}
+    )
     assert line.startswith("export A='b c'; setsid sh -c /tmp/kseries/tests/t & p=$!; ")
     assert "( sleep 30; kill -KILL -$p )" in line
     done = subprocess.run(
@@ -337,7 +344,11 @@ def test_commands_on_the_box_are_killed_at_their_timeout() -> None:
             "sh",
             "-c",
             runner.command_line(
-                suite.Built(suite.TestSpec("t", command="echo hi; sleep 30 & sleep 30")), "", 1, {}
+                suite.Built(suite.TestSpec("t", command="echo hi; sleep 30 & sleep 30")),
+                [],
+                "",
+                1,
+                {},
             ),
         ],
         capture_output=True,
@@ -345,3 +356,98 @@ def test_commands_on_the_box_are_killed_at_their_timeout() -> None:
         timeout=10,
     )
     assert (done.returncode, done.stdout) == (137, "hi\n")  # the whole group, at once
+
+
+# --- soak tests, summary lines, the merged soak report -------------------------------------
+
+
+SOAK = """
+[[test]]
+name = "race"
+binary = "/bin/true"
+args = ["--bind", "--bdf", "{dev}"]
+vars = { dev = "auto" }
+timeout = 60
+soak = { per_cycle = 0.5 }
+metrics = ["cycles", "deaths", "mmu"]
+
+[[test]]
+name = "plain"
+command = "true"
+"""
+
+
+def test_soak_options_grow_the_timeout_and_box_vars_fill_the_args(tmp_path: Path) -> None:
+    known = suite.load_tests(TestboxConfig.load(configs(tmp_path, SOAK)))
+    race, plain = known
+    assert race.soaked(100).args[-2:] == ("--cycles", "100") and race.soaked(100).timeout == 110
+    both = race.soaked(1000, 30)  # whichever ends first bounds the timeout
+    assert both.args[-4:] == ("--cycles", "1000", "--duration", "30") and both.timeout == 90
+    assert plain.soaked(100) is plain and race.soaked() is race
+    assert race.argv({}, "box a") == ["--bind", "--bdf", "auto"]
+    assert race.argv({"dev": "0000:03:00.0"}, "box a")[-1] == "0000:03:00.0"
+    with pytest.raises(ToolkitError) as e:
+        suite.TestSpec("t", binary="/x", args=("{bdf}",)).argv({}, "box lab1")
+    assert e.value.message == "test t: no value for {bdf} in its args on box lab1"
+    assert "vars = { bdf = ... }" in e.value.hint
+    with pytest.raises(ToolkitError) as e:
+        suite.soak([plain], 10, 0, known)
+    assert "none of the selected tests is one" in e.value.message and "race" in e.value.hint
+    with pytest.raises(ToolkitError):
+        suite.soak([race], -1, 0, known)
+
+
+def test_a_summary_line_decides_the_status_and_gives_metrics() -> None:
+    out = (
+        "vfio-bar-race: start\nvfio-bar-race: result=FAIL reason=vm-died-efault cycles=1 deaths=1\n"
+    )
+    assert runner.parse_summary(out) == (
+        "fail",
+        {"reason": "vm-died-efault", "cycles": "1", "deaths": "1"},
+    )
+    assert runner.judge(1, 0.1, 60, out, "") == ("fail", "vm-died-efault (exit 1)")
+    skip = 'x: result=SKIP reason="no PCI device 0000:03:00.0"\n'
+    assert runner.judge(4, 0.1, 60, skip, "") == ("skip", "no PCI device 0000:03:00.0 (exit 4)")
+    assert runner.judge(0, 1, 60, "x: result=PASS cycles=200\n", "") == ("pass", "")
+    assert runner.judge(3, 1, 60, "x: result=PASS\n", "")[0] == "fail"
+    assert runner.judge(137, 60, 60, "x: result=PASS\n", "") == ("timeout", "killed after 60s")
+    assert runner.judge(4, 0.1, 60, "no summary here\n", "") == ("skip", "no summary here")
+    assert runner.judge(2, 0.1, 60, "", "boom\n") == ("fail", "exit 2: boom")
+
+
+def test_soak_report_merges_boxes_per_kernel(tmp_path: Path) -> None:
+    shown = ("cycles", "deaths", "mmu")
+    runs = []
+    for box, cycles, mmu in (("a", "300", "tdp_mmu"), ("b", "250", "shadow")):
+        run = report.Run(box, "kernel", {}, after={"boot_id": box})
+        run.tests = [
+            runner.TestResult(
+                "race",
+                "pass",
+                0,
+                3.0,
+                metrics={"cycles": cycles, "deaths": "0", "mmu": mmu},
+                shown=shown,
+            ),
+            runner.TestResult("plain", "pass", 0, 0.1),
+        ]
+        runs.append(run)
+    runs[1].splats = runner.scan_dmesg("BUG: soft lockup")
+    rows = report.soak_rows(runs)["race"]
+    assert [r["box"] for r in rows] == ["a", "b", "all boxes"]
+    assert rows[2] | {} == {
+        "box": "all boxes",
+        "kernel": "kernel",
+        "status": "2 pass",
+        "cycles": 550,
+        "deaths": 0,
+        "mmu": "-",
+        "dmesg": 1,
+    }
+    out = Console(width=140, record=True, color_system=None)
+    for grid in report.soak_tables(runs):
+        out.print(grid)
+    text = out.export_text()
+    assert "race: per box" in text and "550" in text and "all boxes" in text
+    data = json.loads(report.write(tmp_path, runs, {})[0].read_text())
+    assert data["soak_report"]["race"][2]["cycles"] == 550

@@ -34,8 +34,10 @@ BOX_KEYS = {
     "env",
     "qemu",
     "description",
+    "vars",
 }
 QEMU_KEYS = {"cpu", "memory", "smp", "accel", "extra_args", "state_dir", "binary", "tsc_khz"}
+SETTINGS_KEYS = {"default", "dmesg_ignore", "trace"}
 TIMEOUT_KEYS = {"connect", "boot", "test", "kexec_exec"}
 
 
@@ -81,6 +83,7 @@ class Box:
     workdir: str = "/tmp/kseries"  # where uploads go on the box
     timeouts: Timeouts = field(default_factory=Timeouts)
     env: dict[str, str] = field(default_factory=dict)  # exported to every test on this box
+    vars: dict[str, str] = field(default_factory=dict)  # fills {NAME}s in the tests' args
     qemu: QemuSettings | None = None
     description: str = ""
 
@@ -157,6 +160,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: str) -> 
         workdir=str(table.get("workdir", "/tmp/kseries")),
         timeouts=timeouts,
         env={str(k): str(v) for k, v in table.get("env", {}).items()},
+        vars={str(k): str(v) for k, v in table.get("vars", {}).items()},
         qemu=qemu,
         description=str(table.get("description", "")),
     )
@@ -184,7 +188,9 @@ class TestboxConfig:
         return cls(data, config.directory)
 
     def settings(self) -> dict[str, Any]:
-        return dict(self.data.get("testbox", {}))
+        table = dict(self.data.get("testbox", {}))
+        check_keys(table, SETTINGS_KEYS, f"{FILE} [testbox]")
+        return table
 
     def box(self, name: str = "") -> Box:
         boxes = self.data.get("box", {})

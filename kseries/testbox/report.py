@@ -23,6 +23,7 @@ from typing import Any
 from rich.table import Table
 
 from kseries.testbox.runner import Splat, TestResult
+from kseries.testbox.trace import Trace
 
 STYLE = {
     "pass": "green",
@@ -54,6 +55,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     directory: Path | None = None
+    trace: Trace | None = None  # with --trace: what the fault-path probes saw
 
     def conclude(self) -> None:
         """Set pass/fail from the tests and the splats (for a run that got that far)."""
@@ -82,6 +84,7 @@ class Run:
             "recovery": self.recovery,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "files": self.files,
+            "trace": self.trace.to_json() if self.trace else None,
         }
 
 
@@ -136,6 +139,64 @@ def table(runs: Sequence[Run]) -> Table:
     return grid
 
 
+def soak_rows(runs: Sequence[Run]) -> dict[str, list[dict[str, Any]]]:
+    """Per test that reports metrics: one row per box and kernel (the metrics its config lists,
+    its status, the run's dmesg findings), then one "all boxes" row per kernel with the sums."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        for test in run.tests:
+            if not test.shown:
+                continue
+            row: dict[str, Any] = {"box": run.box, "kernel": run.label, "status": test.status}
+            row |= {key: test.metrics.get(key, "-") for key in test.shown}
+            row["dmesg"] = len(run.splats)
+            merged.setdefault(test.name, []).append(row)
+    for rows in merged.values():
+        for label in dict.fromkeys(r["kernel"] for r in rows):
+            mine = [r for r in rows if r["kernel"] == label]
+            if len(mine) < 2:
+                continue
+            total: dict[str, Any] = {"box": "all boxes", "kernel": label}
+            total["status"] = "/".join(
+                f"{sum(r['status'] == s for r in mine)} {s}"
+                for s in dict.fromkeys(r["status"] for r in mine)
+            )
+            total |= {k: _sum([r[k] for r in mine]) for k in mine[0] if k not in total}
+            rows.append(total)
+    return merged
+
+
+def _sum(values: Sequence[Any]) -> Any:
+    """Whole numbers add up as such, decimals to two places; anything else has no sum."""
+    for kind in (int, float):
+        try:
+            total = sum(kind(v) for v in values)
+        except (TypeError, ValueError):
+            continue
+        return total if kind is int else round(total, 2)
+    return "-"
+
+
+def soak_tables(runs: Sequence[Run]) -> list[Table]:
+    """One table per soak test, laid out like the verdict table: a column per box and kernel
+    (and the "all boxes" sums), a row per metric."""
+    tables = []
+    for name, rows in soak_rows(runs).items():
+        grid = Table(title=f"{name}: per box", title_justify="left")
+        grid.add_column("")
+        for row in rows:
+            grid.add_column(f"{row['box']}\n{row['kernel']}", justify="right")
+        for key in rows[0]:
+            if key in ("box", "kernel"):
+                continue
+            cells = [str(row[key]) for row in rows]
+            if key == "status":
+                cells = [f"[{STYLE[c]}]{c.upper()}[/]" if c in STYLE else c for c in cells]
+            grid.add_row(key, *cells)
+        tables.append(grid)
+    return tables
+
+
 def details(runs: Sequence[Run]) -> list[str]:
     """The lines to print under the table: reasons, splats, console tails, where files are."""
     lines = []
@@ -150,7 +211,9 @@ def details(runs: Sequence[Run]) -> list[str]:
         for test in run.tests:
             if test.status in ("fail", "timeout", "error") and test.reason:
                 lines.append(f"  {test.name}: {test.reason}")
-        if run.verdict in ("boot failed", "wrong kernel", "unreachable") and run.console_tail:
+        if run.trace:
+            lines += [f"  {line}" for line in run.trace.lines()]
+        if run.console_tail:
             lines.append("  last console lines:")
             lines += [f"    | {c}" for c in run.console_tail]
         if run.recovery:
@@ -163,7 +226,9 @@ def details(runs: Sequence[Run]) -> list[str]:
 def write(out: Path, runs: Sequence[Run], meta: dict[str, Any]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.json"
-    report.write_text(json.dumps({**meta, "runs": [r.to_json() for r in runs]}, indent=2) + "\n")
+    merged = {"soak_report": soak_rows(runs)} if soak_rows(runs) else {}
+    body = {**meta, **merged, "runs": [r.to_json() for r in runs]}
+    report.write_text(json.dumps(body, indent=2) + "\n")
     junit = out / "junit.xml"
     ET.ElementTree(junit_tree(runs)).write(junit, encoding="unicode", xml_declaration=True)
     return report, junit

@@ -2,7 +2,9 @@
 
 Each test runs on its own exec channel under the box's `timeout -s KILL` (so a hung test does not
 outlive its slot on the box) and a slightly longer client-side timeout (so a hung box does not
-hang the tool). Output and exit status are kept; exit 4 is kselftest's SKIP.
+hang the tool). Output and exit status are kept; exit 4 is kselftest's SKIP. A test that ends
+with a summary line (`NAME: result=PASS|FAIL|SKIP|ERROR key=value ...`) is judged by it, and its
+key=value pairs are kept as the test's metrics.
 
 The kernel log is scanned for WARNING:, BUG:, Oops, KVM_BUG_ON and Call Trace. A hit fails the
 run and is shown with a few lines of context. Lines known to be benign (the vfio-noiommu taint
@@ -27,6 +29,7 @@ Log = Callable[[str], None]
 SPLAT = re.compile(r"WARNING:|BUG:|Oops|KVM_BUG_ON|Call Trace")
 BENIGN = (r"Adding kernel taint for vfio-noiommu group",)
 GRACE = 15.0  # seconds the client waits beyond the box-side timeout
+SUMMARY = re.compile(r"^[\w.-]+: result=(PASS|FAIL|SKIP|ERROR)(?:\s+(.*))?$", re.MULTILINE)
 
 
 @dataclass
@@ -38,6 +41,8 @@ class TestResult:
     stdout: str = ""
     stderr: str = ""
     reason: str = ""
+    metrics: dict[str, str] = field(default_factory=dict)  # from the summary line
+    shown: tuple[str, ...] = ()  # the metrics the soak report shows
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -46,6 +51,7 @@ class TestResult:
             "exit_status": self.exit_status,
             "duration_s": round(self.duration, 3),
             "reason": self.reason,
+            "metrics": self.metrics,
             "stdout": self.stdout,
             "stderr": self.stderr,
         }
@@ -102,12 +108,28 @@ def upload_tests(remote: Remote, workdir: str, tests: Sequence[Built], log: Log)
     return placed
 
 
-def command_line(built: Built, path: str, timeout: float, env: dict[str, str]) -> str:
+def parse_summary(output: str) -> tuple[str, dict[str, str]] | None:
+    """The last summary line's result and its key=value pairs (values may be quoted)."""
+    found = SUMMARY.findall(output)
+    if not found:
+        return None
+    result, rest = found[-1]
+    try:
+        words = shlex.split(rest)
+    except ValueError:
+        words = rest.split()
+    pairs = dict(w.split("=", 1) for w in words if "=" in w)
+    return result.lower(), pairs
+
+
+def command_line(
+    built: Built, argv: Sequence[str], path: str, timeout: float, env: dict[str, str]
+) -> str:
     """The test in its own session (setsid), killed as a whole process group by a watchdog
     at `timeout`: a plain `timeout CMD` kills only the shell, and a child left holding the
     channel's stdout would keep the test "running". Exit 137 then means killed."""
     spec = built.spec
-    inner = spec.command or shlex.join([path, *spec.args])
+    inner = spec.command or shlex.join([path, *argv])
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**env, **spec.env}.items())
     prefix = f"export {exports}; " if exports else ""
     return (
@@ -134,6 +156,8 @@ def run_tests(
     workdir: str,
     default_timeout: float,
     env: dict[str, str],
+    box_vars: dict[str, str],
+    where: str,
     log: Log,
 ) -> list[TestResult]:
     placed = upload_tests(remote, workdir, tests, log)
@@ -147,8 +171,13 @@ def run_tests(
         if path.startswith("!"):
             results.append(TestResult(spec.name, "error", reason=path[1:]))
             continue
+        try:
+            argv = spec.argv(box_vars, where)
+        except ToolkitError as e:
+            results.append(TestResult(spec.name, "error", reason=str(e)))
+            continue
         timeout = spec.timeout or default_timeout
-        line = command_line(built, path, timeout, env)
+        line = command_line(built, argv, path, timeout, env)
         started = time.monotonic()
         try:
             done = remote.run(line, timeout=timeout + GRACE)
@@ -178,25 +207,48 @@ def run_tests(
                 )
             )
             break
-        status, reason = "pass", ""
-        if done.exit_status == 137 and done.duration >= timeout - 1:
-            status, reason = "timeout", f"killed after {timeout:g}s"
-        elif done.exit_status == SKIP_EXIT:
-            status, reason = "skip", _last_line(done.stdout + done.stderr) or "exit 4 (KSFT_SKIP)"
-        elif done.exit_status != 0:
-            status, reason = (
-                "fail",
-                f"exit {done.exit_status}: " + _last_line(done.stderr or done.stdout),
-            )
+        status, reason = judge(done.exit_status, done.duration, timeout, done.stdout, done.stderr)
+        summary = parse_summary(done.stdout)
         results.append(
             TestResult(
-                spec.name, status, done.exit_status, done.duration, done.stdout, done.stderr, reason
+                spec.name,
+                status,
+                done.exit_status,
+                done.duration,
+                done.stdout,
+                done.stderr,
+                reason,
+                summary[1] if summary else {},
+                spec.metrics,
             )
         )
         log(f"tests: {spec.name}: {status} ({done.duration:.1f}s)")
     for built in tests[len(results) :]:
         results.append(TestResult(built.spec.name, "error", reason="not run: the box went away"))
     return results
+
+
+def judge(
+    exit_status: int, duration: float, timeout: float, stdout: str, stderr: str
+) -> tuple[str, str]:
+    """pass/fail/skip/timeout/error and why: a kill at the timeout first, then the summary
+    line if the test printed one, else the exit status."""
+    if exit_status == 137 and duration >= timeout - 1:
+        return "timeout", f"killed after {timeout:g}s"
+    summary = parse_summary(stdout)
+    if summary is not None:
+        result, pairs = summary
+        why = pairs.get("reason", "")
+        if result == "pass" and exit_status != 0:
+            return "fail", f"exit {exit_status} after result=PASS"
+        if result == "pass":
+            return "pass", ""
+        return result, f"{why or result} (exit {exit_status})"
+    if exit_status == SKIP_EXIT:
+        return "skip", _last_line(stdout + stderr) or "exit 4 (KSFT_SKIP)"
+    if exit_status != 0:
+        return "fail", f"exit {exit_status}: " + _last_line(stderr or stdout)
+    return "pass", ""
 
 
 def _last_line(text: str) -> str:

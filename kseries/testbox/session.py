@@ -37,6 +37,7 @@ from kseries.testbox.machine import Machine, last_lines, write_console
 from kseries.testbox.report import Run
 from kseries.testbox.runner import collect_dmesg, run_tests, scan_dmesg
 from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
+from kseries.testbox.trace import FaultTrace, Trace
 
 Log = Callable[[str], None]
 
@@ -58,9 +59,11 @@ class BoxSession:
         *,
         trust_new_host: bool = False,
         dmesg_ignore: Sequence[str] = (),
+        tracer: FaultTrace | None = None,
         log: Log = print,
     ) -> None:
         self.box = box
+        self.tracer = tracer
         self.log = lambda m: log(f"{box.name}: {m}")
         self.machine = Machine(box, trust_new_host=trust_new_host, log=self.log)
         self.dmesg_ignore = tuple(dmesg_ignore)
@@ -191,6 +194,7 @@ class BoxSession:
             machine.qemu.remember_good(staged.kernel.data, staged.initrd_path, record.after)
         t = time.monotonic()
         remote = machine.remote()
+        traced = self.tracer.attach(remote) if self.tracer else None
         env = {"KSERIES_BOX": box.name, **box.env}
         record.tests = run_tests(
             remote,
@@ -198,9 +202,19 @@ class BoxSession:
             workdir=box.workdir,
             default_timeout=box.timeouts.test,
             env=env,
+            box_vars=box.vars,
+            where=f"box {box.name}",
             log=self.log,
         )
         record.timings["tests"] = time.monotonic() - t
+        if self.tracer and traced:
+            try:
+                record.trace = self.tracer.collect(machine.remote(), traced)
+            except ToolkitError as e:
+                record.trace = Trace(available=False, reason=f"collecting the counts failed: {e}")
+        if any(r.status == "timeout" for r in record.tests):
+            # what the box's console said while the test hung (watchdog dumps, lockups)
+            record.console_tail = last_lines(machine.console_since(mark))
         tests_dir = directory / "tests"
         tests_dir.mkdir(exist_ok=True)
         for result in record.tests:
@@ -319,6 +333,9 @@ def test_remote(
     kernel_spec: str = "",
     tests: Sequence[str] = (),
     compare: str = "",
+    cycles: int = 0,
+    duration: float = 0,
+    trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
     log: Log = print,
@@ -327,6 +344,8 @@ def test_remote(
     started = time.monotonic()
     settings = TestboxConfig.load(config)
     chosen = [settings.box(name) for name in (boxes or [""])]
+    known = suite.load_tests(settings)
+    specs = suite.soak(suite.select(known, tests), cycles, duration, known)
     under_test = kernel.load(kernel_spec)
     label = "kernel"
     subjects = [Subject(label, under_test)]
@@ -343,7 +362,6 @@ def test_remote(
                 "rebuild one of them (each build gets its own #N and timestamp)",
             )
         subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
-    specs = suite.select(suite.load_tests(settings), tests)
     tree = Path(under_test.tree) if under_test.tree else None
     builder = suite.Builder(tree, log=log)
     built = [builder.build(spec) for spec in specs]
@@ -353,6 +371,13 @@ def test_remote(
     directory = output_dir(out)
     directory.mkdir(parents=True, exist_ok=True)
     ignore = settings.settings().get("dmesg_ignore", [])
+    functions = settings.settings().get("trace", {}) if trace else {}
+    if trace and not functions:
+        raise ToolkitError(
+            f"--trace: no functions to probe in {settings.directory / 'testboxes.toml'}",
+            'set [testbox] trace = { kvm_mmu_faultin_pfn = "int", ... }',
+        )
+    tracer = FaultTrace(functions) if trace else None
     lock = threading.Lock()
 
     def locked_log(message: str) -> None:
@@ -361,7 +386,11 @@ def test_remote(
 
     def one_box(box: Box) -> list[Run]:
         session = BoxSession(
-            box, trust_new_host=trust_new_host, dmesg_ignore=ignore, log=locked_log
+            box,
+            trust_new_host=trust_new_host,
+            dmesg_ignore=ignore,
+            tracer=tracer,
+            log=locked_log,
         )
         return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
 
@@ -380,6 +409,7 @@ def test_remote(
             "compare": compare or None,
             "boxes": [b.name for b in chosen],
             "tests": [s.name for s in specs],
+            "soak": {"cycles": cycles, "duration_s": duration} if cycles or duration else None,
             "wall_time_s": round(time.monotonic() - started, 3),
             "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },

@@ -8,9 +8,18 @@ A test is one of:
   statically from the kernel's own tree, so it runs in the initramfs), then uploaded and run.
 
 Recipes are shell commands with placeholders: {tree} (the kernel tree the kernel under test was
-built from), {out} (the recipe's build directory under ~/.cache/kseries/testbox/build), {target},
-{headers} (the tree's UAPI headers from `make headers_install`, when the recipe says
-`headers = true`) and {jobs}. They run outside the tree's git state: all output goes to {out}.
+built from), {project} (this toolkit's checkout, for the programs under tests/box), {out} (the
+recipe's build directory under ~/.cache/kseries/testbox/build), {target}, {headers} (the tree's
+UAPI headers from `make headers_install`, when the recipe says `headers = true`) and {jobs}.
+They run outside the tree's git state: all output goes to {out}.
+
+A test's `args` may name per-box facts as {NAME}: the box's `vars` table gives the value, the
+test's own `vars` the default (the vfio-bar-race test takes its device's BDF so).
+
+A test with a `soak` table takes `--cycles N` and `--duration S` (`invoke test-remote --cycles`
+and `--duration` pass them on); its timeout grows by `per_cycle` seconds a cycle, or by S.
+A test whose last output line reads `NAME: result=PASS|FAIL|SKIP|ERROR key=value ...` is judged
+by that line; the keys listed in its `metrics` go into the soak report.
 """
 
 from __future__ import annotations
@@ -20,12 +29,12 @@ import os
 import shlex
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kseries.config import check_keys
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import PROJECT, cache_dir
 from kseries.testbox.box import FILE, TestboxConfig
 
 Log = Callable[[str], None]
@@ -40,7 +49,11 @@ TEST_KEYS = {
     "env",
     "description",
     "default",
+    "vars",
+    "soak",
+    "metrics",
 }
+SOAK_KEYS = {"per_cycle"}
 RECIPE_KEYS = {"command", "output", "headers", "description", "strip"}
 SKIP_EXIT = 4  # kselftest's KSFT_SKIP
 
@@ -66,10 +79,42 @@ class TestSpec:
     env: dict[str, str] = field(default_factory=dict)
     description: str = ""
     default: bool = True  # part of the run when --tests is not given
+    vars: dict[str, str] = field(default_factory=dict)  # defaults of the {NAME}s in args
+    per_cycle: float | None = None  # set: a soak test (takes --cycles and --duration)
+    metrics: tuple[str, ...] = ()  # summary-line keys shown in the soak report
 
     @property
     def needs_upload(self) -> bool:
         return bool(self.binary or self.recipe)
+
+    @property
+    def is_soak(self) -> bool:
+        return self.per_cycle is not None
+
+    def argv(self, box_vars: dict[str, str], where: str) -> list[str]:
+        """The args with their {NAME}s filled in from the box's vars over the test's own."""
+        values = {**self.vars, **box_vars}
+        try:
+            return [a.format_map(values) for a in self.args]
+        except KeyError as e:
+            raise ToolkitError(
+                f"test {self.name}: no value for {{{e.args[0]}}} in its args on {where}",
+                f"set vars = {{ {e.args[0]} = ... }} in the box's table or the test's",
+            ) from None
+
+    def soaked(self, cycles: int = 0, duration: float = 0) -> TestSpec:
+        """This test as a soak of `cycles` cycles and/or `duration` seconds (whichever ends
+        first); its timeout grows by the longest the soak may take."""
+        if self.per_cycle is None or not (cycles or duration):
+            return self
+        args, extra = list(self.args), []
+        if cycles:
+            args += ["--cycles", str(cycles)]
+            extra.append(cycles * self.per_cycle)
+        if duration:
+            args += ["--duration", f"{duration:g}"]
+            extra.append(duration)
+        return replace(self, args=tuple(args), timeout=(self.timeout or 0.0) + min(extra))
 
 
 @dataclass(frozen=True)
@@ -122,6 +167,9 @@ def load_tests(config: TestboxConfig) -> list[TestSpec]:
                 )
             if not table.get("target"):
                 raise ToolkitError(f"{where} ({name}): a recipe test needs a target", "")
+        soak = table.get("soak")
+        if soak is not None:
+            check_keys(soak, SOAK_KEYS, f"{where} ({name}).soak")
         binary = str(table.get("binary", ""))
         if binary and "{" not in binary:
             binary = str((config.directory / Path(binary).expanduser()).resolve())
@@ -137,6 +185,9 @@ def load_tests(config: TestboxConfig) -> list[TestSpec]:
                 env={str(k): str(v) for k, v in table.get("env", {}).items()},
                 description=str(table.get("description", "")),
                 default=bool(table.get("default", True)),
+                vars={str(k): str(v) for k, v in table.get("vars", {}).items()},
+                per_cycle=float(soak.get("per_cycle", 0.1)) if soak is not None else None,
+                metrics=tuple(str(m) for m in table.get("metrics", ())),
             )
         )
     names = [t.name for t in tests]
@@ -158,6 +209,21 @@ def select(tests: Sequence[TestSpec], names: Sequence[str]) -> list[TestSpec]:
             f"tests in configs/{FILE}: {', '.join(by_name)}",
         )
     return [by_name[n] for n in names]
+
+
+def soak(
+    selected: Sequence[TestSpec], cycles: int, duration: float, known: Sequence[TestSpec]
+) -> list[TestSpec]:
+    """--cycles/--duration applied to the soak tests among the selected ones."""
+    if cycles < 0 or duration < 0:
+        raise ToolkitError("--cycles and --duration cannot be negative", "give a count/seconds")
+    if (cycles or duration) and not any(t.is_soak for t in selected):
+        soakers = ", ".join(t.name for t in known if t.is_soak) or "none"
+        raise ToolkitError(
+            "--cycles/--duration apply to soak tests, and none of the selected tests is one",
+            f"select one with --tests; soak tests in configs/{FILE}: {soakers}",
+        )
+    return [t.soaked(cycles, duration) for t in selected]
 
 
 class Builder:
@@ -210,6 +276,7 @@ class Builder:
         log_file = out / "build.log"
         values = {
             "tree": str(self.tree),
+            "project": str(PROJECT),
             "out": str(out),
             "target": spec.target,
             "jobs": str(self.jobs),

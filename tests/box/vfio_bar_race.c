@@ -24,7 +24,7 @@
  *
  * Last line of output, machine-readable:
  *   vfio-bar-race: result=PASS|FAIL|SKIP|ERROR key=value ...
- * Exit status: 0 PASS, 1 FAIL, 2 setup error, 77 SKIP (kselftest), with the reason printed.
+ * Exit status: 0 PASS, 1 FAIL, 2 setup error, 4 SKIP (kselftest's KSFT_SKIP), with the reason.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -67,7 +67,7 @@ struct memfault_info {
 #define EXIT_PASS 0
 #define EXIT_FAIL 1
 #define EXIT_SETUP 2
-#define EXIT_SKIP 77
+#define EXIT_SKIP 4	/* KSFT_SKIP */
 
 #define EDU_VENDOR 0x1234
 #define EDU_DEVICE 0x11e8
@@ -354,6 +354,8 @@ static void setup_vfio(void)
 	unsigned long iommu_type;
 	int is_noiommu;
 
+	if (!strcmp(opt.bdf, "auto"))
+		opt.bdf[0] = 0;
 	if (!opt.bdf[0] && !find_edu(opt.bdf, sizeof(opt.bdf)))
 		bail(EXIT_SKIP, "no --bdf given and no %04x:%04x (QEMU edu) device in "
 		     "/sys/bus/pci/devices", EDU_VENDOR, EDU_DEVICE);
@@ -889,7 +891,8 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 "usage: vfio_bar_race [options]\n"
-"  --bdf DDDD:BB:DD.F   the vfio-pci device (default: the first 1234:11e8 QEMU edu device)\n"
+"  --bdf DDDD:BB:DD.F   the vfio-pci device (default, or 'auto': the first 1234:11e8 QEMU\n"
+"                       edu device)\n"
 "  --bind               bind the device to vfio-pci first (driver_override + drivers_probe)\n"
 "  --cycles N           PCI_COMMAND.MEM off/on cycles (default 200 without --duration)\n"
 "  --duration S         toggle for S seconds (with --cycles: whichever ends first)\n"
@@ -904,7 +907,7 @@ static void usage(FILE *f)
 "  --hang-timeout S     no guest progress for S seconds is a hang (default 30)\n"
 "  --stall-guest        self-test of the hang watchdog: the guest spins without progress\n"
 "  -v                   progress lines; -v -v: every memory-fault exit\n"
-"exit: 0 PASS, 1 FAIL, 2 setup error, 77 SKIP\n");
+"exit: 0 PASS, 1 FAIL, 2 setup error, 4 SKIP\n");
 }
 
 static void parse_args(int argc, char **argv)

@@ -1,0 +1,320 @@
+"""`invoke check`: every commit of the series builds, in every configuration the gates in
+`[[check.gate]]` (configs/toolkit.toml) name, with no warning the base did not have.
+
+This is what a maintainer's bisection and the 0-day bot would find: the series is built
+commit by commit, not only at its tip. Each gate is one configuration (base config, fragments,
+ARCH, a target such as `arch/x86/kvm/` with W=1) built by the build stage in its own kept
+build directory, so after the base only what a commit changed is recompiled. A commit fails a
+gate when its build fails, or when the objects it recompiled print a warning (file and text,
+line numbers aside) that the base's full build did not print.
+
+The commits are checked out in a detached worktree under ~/.cache/kseries/check/, never in the
+tree itself, so the user's checkout, index and branch stay as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from kseries import build as build_stage
+from kseries.build import BuildConfig
+from kseries.config import Config, check_keys
+from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
+from kseries.locks import exclusive
+from kseries.paths import cache_dir
+
+Log = Callable[[str], None]
+GATE_KEYS = {"name", "description", "base_config", "fragments", "target", "arch"}
+WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One configuration every commit must build in."""
+
+    name: str
+    base_config: str
+    fragments: tuple[str, ...]
+    target: str
+    arch: str = ""
+    description: str = ""
+
+    @classmethod
+    def load_all(cls, config: Config) -> list[Gate]:
+        where = f"{config.directory / 'toolkit.toml'} [[check.gate]]"
+        tables = config.table("check").get("gate", [])
+        if not tables:
+            raise ToolkitError(f"{where}: no gates", "add a [[check.gate]] table")
+        gates = []
+        for number, table in enumerate(tables, 1):
+            check_keys(table, GATE_KEYS, f"{where} #{number}")
+            missing = [
+                k for k in ("name", "base_config", "fragments", "target") if not table.get(k)
+            ]
+            if missing:
+                raise ToolkitError(f"{where} #{number}: no {', '.join(missing)}", "see the file")
+            gate = cls(
+                str(table["name"]),
+                str(table["base_config"]),
+                tuple(str(f) for f in table.get("fragments", ())),
+                str(table["target"]),
+                str(table.get("arch", "")),
+                str(table.get("description", "")),
+            )
+            # the fragments and base config exist: fail now, not after the first build
+            BuildConfig.resolve(gate.base_config, gate.fragments, config.directory, gate.arch)
+            gates.append(gate)
+        return gates
+
+    def digest(self, config: Config) -> str:
+        """Changes when the gate or a fragment's text does (the base warnings are then stale)."""
+        resolved = BuildConfig.resolve(
+            self.base_config, self.fragments, config.directory, self.arch
+        )
+        return hashlib.sha256(f"{self}\0{resolved.digest()}".encode()).hexdigest()
+
+
+@dataclass
+class Result:
+    """One commit through one gate."""
+
+    gate: str
+    commit: str
+    subject: str
+    ok: bool
+    error: str = ""
+    new_warnings: list[str] = field(default_factory=list)
+    recompiled: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate,
+            "commit": self.commit,
+            "subject": self.subject,
+            "ok": self.ok,
+            "error": self.error,
+            "new_warnings": self.new_warnings,
+            "recompiled": self.recompiled,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def warnings(log_text: str, tree: Path, build_dir: Path) -> set[str]:
+    """`file: warning text [-Wflag]` for each warning gcc printed, paths relative to the tree
+    (kbuild prints them relative to the build directory) and without line numbers, so a
+    warning that only moved is not new."""
+    found = set()
+    for line in log_text.splitlines():
+        match = WARNING.match(line.strip())
+        if not match:
+            continue
+        path = Path(match["file"])
+        path = path if path.is_absolute() else build_dir / path
+        try:
+            name = os.path.relpath(path.resolve(), tree.resolve())
+        except ValueError:
+            name = str(path)
+        found.add(f"{name}: {match['text']}")
+    return found
+
+
+class Check:
+    """The series' commits (base..branch) through every gate."""
+
+    def __init__(self, config: Config, tree: WorkTree, *, log: Log = print) -> None:
+        self.config = config
+        self.tree = tree
+        self.log = log
+        self.root = cache_dir() / "check" / build_stage.tree_key(tree.path)
+        # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: ccache hits are shared
+        self.worktree = self.root / "default-tree" / "linux"
+
+    def commits(self, base_ref: str, branch: str) -> tuple[str, list[tuple[str, str]]]:
+        """The base sha and the series' (sha, subject) pairs, oldest first."""
+        for ref in (base_ref, branch):
+            if self.tree.try_git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}") is None:
+                raise ToolkitError(
+                    f"{self.tree.path}: no {ref}",
+                    "run `invoke rebase` first (it makes the series branch on the base)",
+                )
+        base = self.tree.git("merge-base", base_ref, branch).strip()
+        lines = self.tree.git("log", "--reverse", "--format=%H %s", f"{base}..{branch}")
+        commits = [tuple(x.split(" ", 1)) for x in lines.splitlines() if x]
+        if not commits:
+            raise ToolkitError(f"{branch} has no commits on top of {base_ref}", "invoke rebase")
+        return base, [(sha, subject) for sha, subject in commits]
+
+    def run(self, gates: Sequence[Gate], base_ref: str, branch: str) -> list[Result]:
+        base, commits = self.commits(base_ref, branch)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with exclusive(
+            self.root / "lock", f"check: waiting for another check of {self.tree.path}", self.log
+        ):
+            self._worktree(base)
+            return [r for gate in gates for r in self._gate(gate, base, commits)]
+
+    def _gate(self, gate: Gate, base: str, commits: Sequence[tuple[str, str]]) -> list[Result]:
+        out = self.root / "build" / gate.name
+        known = self._base_warnings(gate, base, out)
+        results = []
+        for sha, subject in commits:
+            self._checkout(sha)
+            result = self._build(gate, out, sha, subject, known)
+            results.append(result)
+            state = "ok" if result.ok else "FAIL"
+            self.log(f"check: {gate.name}: {sha[:12]} {subject}: {state}")
+        return results
+
+    # --- the parts ------------------------------------------------------------------------------
+
+    def _worktree(self, base: str) -> None:
+        if not (self.worktree / ".git").exists():
+            self.log(f"check: adding a detached worktree at {self.worktree}")
+            shutil.rmtree(self.worktree, ignore_errors=True)
+            self.worktree.parent.mkdir(parents=True, exist_ok=True)
+            self.tree.git("worktree", "prune")
+            self.tree.git("worktree", "add", "--detach", str(self.worktree), base)
+
+    def _checkout(self, sha: str) -> None:
+        WorkTree(self.worktree).git("checkout", "-q", "--detach", sha)
+
+    def _base_warnings(self, gate: Gate, base: str, out: Path) -> set[str]:
+        """The base's warnings in this gate, from a full build (kept, keyed on the base and
+        the gate: a build directory of unknown state is started afresh)."""
+        stamp = out / "kseries" / "check-base.json"
+        digest = gate.digest(self.config)
+        if stamp.is_file():
+            saved = json.loads(stamp.read_text())
+            if saved.get("base") == base and saved.get("gate") == digest:
+                return set(saved["warnings"])
+        shutil.rmtree(out, ignore_errors=True)
+        self._checkout(base)
+        self.log(f"check: {gate.name}: building the base {base[:12]} in full")
+        made = self._make(gate, out)
+        if made.error:
+            raise ToolkitError(
+                f"check {gate.name}: the base {base[:12]} does not build: {made.error}",
+                f"see {out / 'kseries' / 'build.log'}; fix the gate in configs/toolkit.toml",
+            )
+        stamp.write_text(
+            json.dumps({"base": base, "gate": digest, "warnings": sorted(made.warnings)})
+        )
+        return made.warnings
+
+    def _build(self, gate: Gate, out: Path, sha: str, subject: str, known: set[str]) -> Result:
+        made = self._make(gate, out)
+        new = sorted(made.warnings - known)
+        return Result(
+            gate.name,
+            sha,
+            subject,
+            not made.error and not new,
+            made.error,
+            new,
+            made.recompiled,
+            made.seconds,
+        )
+
+    def _make(self, gate: Gate, out: Path) -> Made:
+        started = time.monotonic()
+        try:
+            manifest = build_stage.build(
+                self.config,
+                tree=str(self.worktree),
+                out=str(out),
+                fragments=gate.fragments,
+                base_config=gate.base_config,
+                target=gate.target,
+                arch=gate.arch,
+                set_last=False,
+                log=lambda _: None,
+            )
+            log_file = Path(manifest.log)
+            error = ""
+        except ToolkitError as e:
+            log_file, error = out / "kseries" / "build.log", e.message
+        text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+        return Made(
+            error,
+            warnings(text, self.worktree, out),
+            sum(1 for line in text.splitlines() if line.startswith("  CC")),
+            time.monotonic() - started,
+        )
+
+
+@dataclass(frozen=True)
+class Made:
+    """One build of a gate: its error (empty if it built), the warnings it printed, how many
+    objects it compiled, how long it took."""
+
+    error: str
+    warnings: set[str]
+    recompiled: int
+    seconds: float
+
+
+def check(
+    config: Config, tree: WorkTree, *, gates: Sequence[str] = (), log: Log = print
+) -> list[Result]:
+    """Run the gates (all, or those named) over the series branch of `tree`."""
+    from kseries import series as series_stage
+
+    series = series_stage.load(config)
+    chosen = Gate.load_all(config)
+    if gates:
+        unknown = sorted(set(gates) - {g.name for g in chosen})
+        if unknown:
+            raise ToolkitError(
+                f"no gate {', '.join(unknown)}",
+                f"gates in configs/toolkit.toml: {', '.join(g.name for g in chosen)}",
+            )
+        chosen = [g for g in chosen if g.name in gates]
+    base_ref = f"{series.base.remote}/{series.base.branch}"
+    return Check(config, tree, log=log).run(chosen, base_ref, series.branch)
+
+
+def table(results: Sequence[Result]) -> Table:
+    """Rows: the commits, oldest first. Columns: the gates."""
+    gates = list(dict.fromkeys(r.gate for r in results))
+    grid = Table(title="check: every commit, every gate", title_justify="left")
+    grid.add_column("commit")
+    for gate in gates:
+        grid.add_column(gate, justify="center")
+    for sha in dict.fromkeys(r.commit for r in results):
+        mine = {r.gate: r for r in results if r.commit == sha}
+        first = next(iter(mine.values()))
+        cells = []
+        for gate in gates:
+            r = mine.get(gate)
+            if r is None:
+                cells.append("-")
+            elif r.error:
+                cells.append("[bold red]BUILD FAILED[/]")
+            elif r.new_warnings:
+                cells.append(f"[bold red]{len(r.new_warnings)} new warning(s)[/]")
+            else:
+                cells.append(f"[green]ok[/] {r.recompiled} CC, {r.seconds:.0f}s")
+        grid.add_row(f"{sha[:12]} {first.subject[:60]}", *cells)
+    return grid
+
+
+def details(results: Sequence[Result]) -> list[str]:
+    lines = []
+    for r in results:
+        if r.error:
+            lines.append(f"{r.gate}: {r.commit[:12]}: {r.error}")
+        lines += [f"{r.gate}: {r.commit[:12]}: new warning: {w}" for w in r.new_warnings]
+    return lines
