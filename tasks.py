@@ -120,6 +120,7 @@ def prepare(c: Context, tree: str = "") -> None:
         "boxes": "test boxes to boot the series on (default: local,local-shadow: TDP and shadow)",
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
+        "no_check": "skip `invoke check` (the per-commit builds of every gate)",
     }
 )
 @edge
@@ -129,12 +130,15 @@ def pipeline(
     boxes: str = "local,local-shadow",
     compare: str = "",
     no_compare: bool = False,
+    no_check: bool = False,
 ) -> None:
-    """The main job: rebase, build, boot and test (base vs series), then the mails (dry run)."""
+    """The main job: rebase, check, build, boot and test (base vs series), then the mails."""
     from kseries import series as series_stage
 
     base = series_stage.load().base
     rebase(c, tree=tree)
+    if not no_check:
+        check(c, tree=tree)
     build(c, tree=tree)
     test_remote(
         c, boxes=boxes, compare="" if no_compare else compare or f"{base.remote}/{base.branch}"

@@ -113,20 +113,20 @@ class Result:
 
 
 def warnings(log_text: str, tree: Path, build_dir: Path) -> set[str]:
-    """`file: warning text [-Wflag]` for each warning gcc printed, paths relative to the tree
-    (kbuild prints them relative to the build directory) and without line numbers, so a
-    warning that only moved is not new."""
+    """`file: warning text [-Wflag]` for each warning gcc printed, without line numbers, so a
+    warning that only moved is not new. kbuild prints paths relative to the build directory:
+    those are shown relative to the tree; others (the selftests build prints them relative to
+    its own directory) as printed, which is the same for the base and every commit."""
     found = set()
     for line in log_text.splitlines():
         match = WARNING.match(line.strip())
         if not match:
             continue
-        path = Path(match["file"])
-        path = path if path.is_absolute() else build_dir / path
-        try:
-            name = os.path.relpath(path.resolve(), tree.resolve())
-        except ValueError:
-            name = str(path)
+        name = match["file"]
+        path = Path(name) if Path(name).is_absolute() else build_dir / name
+        relative = os.path.relpath(path.resolve(), tree.resolve())
+        if not relative.startswith(".."):
+            name = relative
         found.add(f"{name}: {match['text']}")
     return found
 

@@ -175,3 +175,23 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     git(tree, "branch", "-qD", "scratch")
     monkeypatch.setenv("KSERIES_CONFIG_DIR", str(root / "configs"))
     return Project(root, upstream, tree)
+
+
+@pytest.fixture(scope="session")
+def series_clone() -> Path:
+    """The project's series rebased by the rebase stage onto kvm-x86/next, in a clone of the
+    embedded 7.2 tree kept under ~/.cache/kseries/ci-series (its checkout and build
+    directories make later runs incremental; a missing one is made afresh)."""
+    from kseries.paths import cache_dir
+    from kseries.rebase import Rebase
+    from kseries.tree import scratch_clone
+
+    clone = cache_dir() / "ci-series" / "default-tree" / "linux"
+    if not (clone / ".git").exists():
+        shutil.rmtree(clone, ignore_errors=True)
+        clone.parent.mkdir(parents=True, exist_ok=True)
+        scratch_clone(clone)
+    tree = WorkTree(clone)
+    tree.git("checkout", "-q", "-f", "master")  # whatever a killed run left checked out
+    Rebase(tree, load(Config.load()), log=lambda _: None).start(remote="kvm-x86", branch="next")
+    return clone

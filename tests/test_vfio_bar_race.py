@@ -23,14 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from kseries import build, series
+from kseries import build
 from kseries.config import Config
-from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT, cache_dir
-from kseries.rebase import Rebase
 from kseries.testbox import report, session
 from kseries.testbox.runner import TestResult
-from kseries.tree import scratch_clone
 
 pytestmark = pytest.mark.slow
 
@@ -55,21 +52,13 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 
 @pytest.fixture(scope="module")
-def series_kernel(config: Config) -> Path:
-    """The series rebased onto kvm-x86/next in a kept clone, built; its manifest."""
-    clone = cache_dir() / "vfio-ci" / "default-tree" / "linux"
-    if not (clone / ".git").exists():
-        shutil.rmtree(clone, ignore_errors=True)
-        clone.parent.mkdir(parents=True, exist_ok=True)
-        scratch_clone(clone)
-    Rebase(WorkTree(clone), series.load(Config.load()), log=lambda _: None).start(
-        remote="kvm-x86", branch="next"
-    )
+def series_kernel(config: Config, series_clone: Path) -> Path:
+    """The series kernel, built by the build stage; its manifest."""
     started = time.monotonic()
     manifest = build.build(
         config,
-        tree=str(clone),
-        out=str(cache_dir() / "vfio-ci" / "build" / "linux"),
+        tree=str(series_clone),
+        out=str(cache_dir() / "ci-series" / "build" / "linux"),
         set_last=False,
         log=lambda _: None,
     )

@@ -34,6 +34,8 @@ SUMMARY = re.compile(r"^[\w.-]+: result=(PASS|FAIL|SKIP|ERROR)(?:\s+(.*))?$", re
 
 @dataclass
 class TestResult:
+    __test__ = False  # not a pytest class, despite the name
+
     name: str
     status: str  # pass, fail, skip, timeout, error
     exit_status: int | None = None
