@@ -793,7 +793,9 @@ class Build:
         else:
             columns += [TextColumn("{task.completed} steps")]
         columns += [TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}")]
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind.
+        quiet = not self.console.is_terminal
+        with Progress(*columns, console=self.console, transient=True, disable=quiet) as progress:
             task = progress.add_task(
                 f"make {' '.join(self.target.goals)}", total=self.expected or None, last=""
             )

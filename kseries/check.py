@@ -38,6 +38,8 @@ from kseries.paths import cache_dir
 Log = Callable[[str], None]
 GATE_KEYS = {"name", "description", "base_config", "fragments", "target", "arch"}
 WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
+# a compile in the log: kbuild's quiet "  CC  path" line, or the selftests' full gcc command
+COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ class Check:
         return Made(
             error,
             warnings(text, self.worktree, out),
-            sum(1 for line in text.splitlines() if line.startswith("  CC")),
+            sum(1 for line in text.splitlines() if COMPILE.match(line)),
             time.monotonic() - started,
         )
 
@@ -306,8 +308,8 @@ def table(results: Sequence[Result]) -> Table:
             elif r.new_warnings:
                 cells.append(f"[bold red]{len(r.new_warnings)} new warning(s)[/]")
             else:
-                cells.append(f"[green]ok[/] {r.recompiled} CC, {r.seconds:.0f}s")
-        grid.add_row(f"{sha[:12]} {first.subject[:60]}", *cells)
+                cells.append(f"[green]ok[/] {r.recompiled} compiled, {r.seconds:.0f}s")
+        grid.add_row(f"{sha[:12]} {first.subject}", *cells)
     return grid
 
 

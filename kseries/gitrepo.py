@@ -91,18 +91,44 @@ class WorkTree:
                 return what
         return None
 
-    def require_clean(self) -> None:
-        """Refuse a tree with tracked changes or a half-done am, rebase or merge."""
-        what = self.operation_in_progress()
-        if what:
-            raise ToolkitError(
-                f"{self.path} is in the middle of {what}",
-                "finish it or abort it (git am --abort, git rebase --abort, ...)",
-            )
-        if self.try_git("diff", "--quiet", "HEAD", "--")[0] != 0:
-            raise ToolkitError(
-                f"{self.path} has uncommitted changes", "commit or stash them first (git stash)"
-            )
+    def clean_check(self) -> CleanCheck:
+        """Start asking whether the tree has uncommitted changes, in the background: on a
+        kernel tree that is one lstat() of 90k files, the slowest question a rebase asks, and
+        the caller has templates to render meanwhile. Its `require()` refuses a tree with
+        tracked changes or a half-done am, rebase or merge."""
+        return CleanCheck(self)
 
     def remotes(self) -> list[str]:
         return self.git("remote").split()
+
+
+class CleanCheck:
+    """`git diff --quiet HEAD`, running; `require()` waits for it and refuses a dirty tree."""
+
+    def __init__(self, tree: WorkTree) -> None:
+        self.tree = tree
+        self.diff = subprocess.Popen(
+            ["git", "diff", "--quiet", "HEAD", "--"],
+            cwd=tree.path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def require(self) -> None:
+        what = self.tree.operation_in_progress()
+        if what:
+            self.cancel()
+            raise ToolkitError(
+                f"{self.tree.path} is in the middle of {what}",
+                "finish it or abort it (git am --abort, git rebase --abort, ...)",
+            )
+        if self.diff.wait() != 0:
+            raise ToolkitError(
+                f"{self.tree.path} has uncommitted changes",
+                "commit or stash them first (git stash)",
+            )
+
+    def cancel(self) -> None:
+        """Stop it (read-only, so safe to kill) when the caller fails first."""
+        self.diff.kill()
+        self.diff.wait()

@@ -141,15 +141,20 @@ class Rebase:
 
     def start(self, *, remote: str, branch: str, fetch: bool = True) -> Result:
         started = time.monotonic()
-        changelog = Changelog(self.series)
-        messages = changelog.messages()  # renders and checks every trailer before git runs
-        cover = changelog.cover_letter()
-        if State.load(self.tree):
-            raise ToolkitError(
-                f"{self.tree.path}: a kseries rebase is already in progress",
-                "invoke rebase --continue, or invoke rebase --abort",
-            )
-        self.tree.require_clean()
+        clean = self.tree.clean_check()
+        try:
+            changelog = Changelog(self.series)
+            messages = changelog.messages()  # renders and checks every trailer before git runs
+            cover = changelog.cover_letter()
+            if State.load(self.tree):
+                raise ToolkitError(
+                    f"{self.tree.path}: a kseries rebase is already in progress",
+                    "invoke rebase --continue, or invoke rebase --abort",
+                )
+        except BaseException:
+            clean.cancel()
+            raise
+        clean.require()
         base = (
             self._fetch(remote, branch)
             if fetch
