@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ import pytest
 from kseries import build
 from kseries.config import Config
 from kseries.paths import PROJECT, cache_dir
-from kseries.testbox import report, session
+from kseries.testbox import local, report, session
+from kseries.testbox.box import TestboxConfig
 from kseries.testbox.runner import TestResult
 
 pytestmark = pytest.mark.slow
@@ -34,9 +36,13 @@ pytestmark = pytest.mark.slow
 CYCLES = 100  # per box; about 1 s of toggling under TCG
 
 
+BOXES = ("local", "local-viommu", "nodev")
+
+
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
-    """The project's configs, with every local box's state under tmp."""
+def config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
+    """The project's configs, with every local box's state under tmp; the boxes are stopped
+    (by the PIDs they were started with) at the end."""
     root = tmp_path_factory.mktemp("vfio")
     configs = root / "configs"
     shutil.copytree(PROJECT / "configs", configs, ignore=shutil.ignore_patterns("local.toml"))
@@ -48,7 +54,11 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
         'method = "qemu"\ncmdline = "console=ttyS0 panic=-1"\n'
         f'qemu = {{ cpu = "max", state_dir = "{state / "nodev"}" }}\n'
     )
-    return Config.load(configs)
+    config = Config.load(configs)
+    yield config
+    settings = TestboxConfig.load(config)
+    for name in BOXES:
+        local.down(settings.box(name), log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
