@@ -147,17 +147,17 @@ class Check:
     def commits(self, base_ref: str, branch: str) -> tuple[str, list[tuple[str, str]]]:
         """The base sha and the series' (sha, subject) pairs, oldest first."""
         for ref in (base_ref, branch):
-            if self.tree.try_git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}") is None:
+            if self.tree.try_git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}")[0] != 0:
                 raise ToolkitError(
                     f"{self.tree.path}: no {ref}",
                     "run `invoke rebase` first (it makes the series branch on the base)",
                 )
         base = self.tree.git("merge-base", base_ref, branch).strip()
         lines = self.tree.git("log", "--reverse", "--format=%H %s", f"{base}..{branch}")
-        commits = [tuple(x.split(" ", 1)) for x in lines.splitlines() if x]
+        commits = [(x[:40], x[41:]) for x in lines.splitlines() if x]
         if not commits:
             raise ToolkitError(f"{branch} has no commits on top of {base_ref}", "invoke rebase")
-        return base, [(sha, subject) for sha, subject in commits]
+        return base, commits
 
     def run(self, gates: Sequence[Gate], base_ref: str, branch: str) -> list[Result]:
         base, commits = self.commits(base_ref, branch)

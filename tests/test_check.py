@@ -6,6 +6,7 @@ nothing mocked.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,20 @@ def test_every_commit_passes_and_a_new_warning_is_caught(series_clone: Path) -> 
     ]
     assert last["kvm-selftests"].ok  # mmu.c is not part of the selftests
     assert all(r.ok for r in caught if r.subject != SUBJECT)
+
+
+def test_a_tree_without_the_series_is_refused_with_the_hint(tmp_path: Path) -> None:
+    repo = tmp_path / "linux"
+    repo.mkdir()
+    ident = ["-c", "user.name=T", "-c", "user.email=t@example.org"]
+    subprocess.run(["git", "init", "-q", "-b", "master", str(repo)], check=True)
+    subprocess.run(
+        ["git", *ident, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "b"], check=True
+    )
+    runner = check.Check(Config.load(PROJECT / "configs"), WorkTree(repo), log=print)
+    with pytest.raises(ToolkitError) as e:
+        runner.commits("kvm-x86/next", "master")
+    assert e.value.message == f"{repo}: no kvm-x86/next" and "invoke rebase" in e.value.hint
+    with pytest.raises(ToolkitError) as e:
+        runner.commits("master", "master")
+    assert e.value.message == "master has no commits on top of master"
