@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: install, prepare the 7.2 tree, rebase the series.
+# The main job on the embedded default (invoke pipeline): install, prepare the 7.2 tree, rebase
+# the series, check every commit, build, boot base vs series on the local boxes, dry-run the mails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
