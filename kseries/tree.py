@@ -155,6 +155,7 @@ def scratch_clone(dest: Path, remote: str = "kvm-x86", branch: str = "master") -
     objects are shared, so only the checkout costs time.
     """
     default = prepare_default_tree(log=lambda _: None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     git(dest.parent, "clone", "-q", "--shared", "-o", remote, default.remote_url, str(dest))
     git(dest, "checkout", "-q", "-b", branch)
     return dest
@@ -526,6 +527,8 @@ def _try(
             errors="replace",
         )
     except FileNotFoundError as e:
+        if cwd is not None and not Path(cwd).is_dir():  # the same exception names a missing cwd
+            raise ToolkitError(f"{cwd} does not exist", f"create it before `{cmd[0]}` runs") from e
         raise ToolkitError(f"{cmd[0]} is not installed", INSTALL_HINT) from e
     return done.returncode, done.stdout, done.stderr
 
