@@ -37,13 +37,16 @@ def rebase(
     abort: bool = False,
 ) -> None:
     """Put the series on the base branch as a fresh, versioned branch (git am -3)."""
-    from kseries import rebase as rebase_stage
-    from kseries import series as series_stage
     from kseries import tree as tree_stage
 
     config = Config.load()
-    series = series_stage.load(config)
     work = tree_stage.open_tree(config, tree, log=log)
+    # A fresh run must find the tree clean: git's 90k lstat()s start now, behind the imports.
+    clean = work.clean_check() if not (abort or continue_) else None
+    from kseries import rebase as rebase_stage
+    from kseries import series as series_stage
+
+    series = series_stage.load(config)
     runner = rebase_stage.Rebase(work, series, log=log)
     if abort:
         runner.abort()
@@ -55,6 +58,7 @@ def rebase(
             remote=remote or series.base.remote,
             branch=branch or series.base.branch,
             fetch=not no_fetch,
+            clean=clean,
         )
     console.print(rebase_stage.summary(result), markup=False, soft_wrap=True)
     if result.range_diff:

@@ -4,6 +4,9 @@ In one shared clone of the embedded default tree with the series rebased onto it
   toolkit: `invoke send-series --tree CLONE --out DIR` (format-patch, get_maintainer.pl,
            every pre-send check including checkpatch --strict, send-email --dry-run)
   raw git: `git format-patch -v2 --cover-letter --base=... -o DIR` + `git send-email --dry-run`
+  raw git + checks: the same with what the toolkit checks done by hand in between, as a kernel
+           developer's script would: `checkpatch.pl --strict` and `get_maintainer.pl` on each
+           patch
   b4:      `b4 send --dry-run` on a b4 prep branch of the same commits, when b4 is installed
            (pip install b4) and can enroll the branch offline; skipped with the reason if not.
 Cold is the first toolkit run (checkpatch and get_maintainer caches empty); warm is every run
@@ -102,14 +105,29 @@ def main() -> None:
             f"git send-email --dry-run --confirm=never {to} --to=kvm@vger.kernel.org "
             f"--from='{series.submitter.ident}' {scratch}/raw/*.patch",
         ]
+        ignore = ",".join(Config.load().table("send").get("checkpatch_ignore", {}))
+        checked = [
+            "sh",
+            "-c",
+            raw[2].replace(
+                " && git send-email",
+                f" && for p in {scratch}/raw/v*-000[1-9]-*.patch; do "
+                f"PATH=/usr/bin:$PATH perl scripts/checkpatch.pl --strict --ignore {ignore} "
+                "--no-summary-file --color=never $p >/dev/null && "
+                "perl scripts/get_maintainer.pl --nogit --nogit-fallback $p >/dev/null; done"
+                " && git send-email",
+            ),
+        ]
         cold = timed(invoke, PROJECT)
-        toolkit, plain, startup = [], [], []
+        toolkit, plain, startup, by_hand = [], [], [], []
         for _ in range(rounds):
             toolkit.append(timed(invoke, PROJECT))
             plain.append(timed(raw, clone, env))
+            by_hand.append(timed(checked, clone, env))
             startup.append(timed([*invoke[:3], "--help", "send-series"], PROJECT))
         b4 = b4_time(clone, base, series.branch, env)
     warm_s, raw_s = statistics.median(toolkit), statistics.median(plain)
+    hand_s = statistics.median(by_hand)
     start_s = statistics.median(startup)
     print(f"rounds: {rounds}, mails: {len(series.patches) + 1}, tree: Linux 7.2.13")
     print(f"raw git format-patch + send-email --dry-run: {raw_s:.3f} s (median)")
@@ -121,6 +139,8 @@ def main() -> None:
         f"  of which interpreter + invoke start-up:   {start_s:.3f} s; without it "
         f"{(warm_s - start_s) / raw_s:.2f}x"
     )
+    print(f"raw git + checkpatch/get_maintainer by hand: {hand_s:.3f} s (median)")
+    print(f"  invoke send-series cold / that: {cold / hand_s:.2f}x, warm: {warm_s / hand_s:.2f}x")
     try:
         b4_s = float(b4)
         print(
@@ -129,7 +149,7 @@ def main() -> None:
         )
     except ValueError:
         print(f"b4: {b4}")
-    print("target: at most 1.50x of raw git (warm)")
+    print("target: at most 1.50x of raw git (the toolkit including its checks)")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,7 @@ if ! .venv/bin/python -m pip install -q -e '.[test]' 2>"$pip_log"; then
     cat "$pip_log" >&2
     exit 1
 fi
+# An editable install leaves the toolkit's own modules uncompiled, and with PYTHONDONTWRITEBYTECODE
+# set (as on these machines) every run would compile them again: compile them once, as pip does
+# for the packages it installs.
+.venv/bin/python -m compileall -q kseries tasks.py >/dev/null

@@ -21,7 +21,7 @@ from pathlib import Path
 from kseries import trailers
 from kseries.changelog import Changelog, Message
 from kseries.errors import ToolkitError
-from kseries.gitrepo import WorkTree
+from kseries.gitrepo import CleanCheck, WorkTree
 from kseries.series import Series
 
 STATE_DIR = "kseries"
@@ -139,9 +139,12 @@ class Rebase:
 
     # -- start -----------------------------------------------------------------------------
 
-    def start(self, *, remote: str, branch: str, fetch: bool = True) -> Result:
+    def start(
+        self, *, remote: str, branch: str, fetch: bool = True, clean: CleanCheck | None = None
+    ) -> Result:
+        """A fresh run. `clean`: the tree's clean check, if the caller started it already."""
         started = time.monotonic()
-        clean = self.tree.clean_check()
+        clean = clean or self.tree.clean_check()
         try:
             changelog = Changelog(self.series)
             messages = changelog.messages()  # renders and checks every trailer before git runs
