@@ -251,12 +251,16 @@ def send_series(
         send_stage.SendSettings(config, series),
     )
     outbox = postman.format(Path(out) if out else PROJECT / "out" / series.branch)
-    postman.check(outbox, sending=send)
-    console.print(send_stage.report(outbox))
-    if send and not yes and input(f"send {len(outbox.mails)} mails? [y/N] ").lower() != "y":
-        console.print("not sent")
-        return
-    delivery = postman.send(outbox, dry_run=not send)
+    if not send:
+        delivery = postman.rehearse(outbox)
+        console.print(send_stage.report(outbox))
+    else:
+        postman.check(outbox, sending=True)
+        console.print(send_stage.report(outbox))
+        if not yes and input(f"send {len(outbox.mails)} mails? [y/N] ").lower() != "y":
+            console.print("not sent")
+            return
+        delivery = postman.send(outbox, dry_run=False)
     console.print(delivery.log(), markup=False, highlight=False, soft_wrap=True)
     if outbox.failed:
         raise SystemExit(1)

@@ -22,7 +22,7 @@ from common import PROJECT, timed
 from kseries import series as series_stage
 from kseries.changelog import Changelog
 from kseries.config import Config
-from kseries.rebase import committer_env, mbox
+from kseries.rebase import mbox
 from kseries.tree import scratch_clone
 
 
@@ -37,7 +37,7 @@ def main() -> None:
         base = f"{series.base.remote}/{series.base.branch}"
         series_mbox = Path(scratch) / "series.mbox"
         series_mbox.write_text(mbox(series, Changelog(series).messages()))
-        env = {**os.environ, **committer_env(series)}
+        env = {**os.environ, **series.committer_env}
         invoke = [
             str(PROJECT / ".venv/bin/invoke"),
             "-r",

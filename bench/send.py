@@ -29,7 +29,7 @@ from common import PROJECT, timed
 from kseries import series as series_stage
 from kseries.config import Config
 from kseries.gitrepo import WorkTree
-from kseries.rebase import Rebase, committer_env
+from kseries.rebase import Rebase
 from kseries.tree import scratch_clone
 
 
@@ -78,12 +78,16 @@ def main() -> None:
         who = series.submitter
         env = {
             **os.environ,
-            **committer_env(series),
-            "GIT_CONFIG_COUNT": "2",
+            **series.committer_env,
+            "GIT_CONFIG_COUNT": "3",
             "GIT_CONFIG_KEY_0": "user.name",
             "GIT_CONFIG_VALUE_0": who.name,
             "GIT_CONFIG_KEY_1": "user.email",
             "GIT_CONFIG_VALUE_1": who.email,
+            # b4 sends through its web endpoint unless git has an SMTP server; a dry run never
+            # connects, so a loopback address lets b4 run offline
+            "GIT_CONFIG_KEY_2": "sendemail.smtpServer",
+            "GIT_CONFIG_VALUE_2": "127.0.0.1",
         }
         invoke = [
             str(PROJECT / ".venv/bin/invoke"),

@@ -105,12 +105,6 @@ class ConflictError(ToolkitError):
         self.hunks = hunks
 
 
-def committer_env(series: Series) -> dict[str, str]:
-    """The submitter applies the series, whatever the machine's git identity is."""
-    who = series.submitter
-    return {"GIT_COMMITTER_NAME": who.name, "GIT_COMMITTER_EMAIL": who.email}
-
-
 def mbox(series: Series, messages: list[Message]) -> str:
     """One mbox holding every patch, each with its real author, date and rendered message."""
     mails = []
@@ -135,7 +129,7 @@ class Rebase:
         self.tree = tree
         self.series = series
         self.log = log
-        self.env = committer_env(series)
+        self.env = series.committer_env
 
     # -- start -----------------------------------------------------------------------------
 

@@ -32,7 +32,6 @@ from kseries import trailers
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.rebase import committer_env
 from kseries.series import Series
 
 PLACEHOLDERS = ("*** SUBJECT HERE ***", "*** BLURB HERE ***")
@@ -171,7 +170,7 @@ class Postman:
             "-o",
             str(out),
             f"{base}..{branch}",
-            env=committer_env(self.series),  # Message-IDs in the submitter's domain
+            env=self.series.committer_env,  # Message-IDs in the submitter's domain
         ).split()
         mails = []
         for name in files:
@@ -381,6 +380,14 @@ class Postman:
         detail = "" if ok else f"{mail.path.name}: " + " | ".join(problems[:3])
         cache.write_text(json.dumps([ok, detail]))
         return ok, detail
+
+    def rehearse(self, outbox: Outbox) -> Delivery:
+        """The dry run: every check, and `git send-email --dry-run` beside them (both only read
+        the mail files, and the dry run is most of the wait)."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            dry_run = pool.submit(self.send, outbox, dry_run=True)
+            self.check(outbox, sending=False)
+            return dry_run.result()
 
     # -- sending ---------------------------------------------------------------------------
 

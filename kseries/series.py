@@ -88,6 +88,12 @@ class Series:
         return f"{self.name}-v{self.version}"
 
     @property
+    def committer_env(self) -> dict[str, str]:
+        """The submitter applies and formats the series, whatever the machine's git identity."""
+        who = self.submitter
+        return {"GIT_COMMITTER_NAME": who.name, "GIT_COMMITTER_EMAIL": who.email}
+
+    @property
     def subject_prefix(self) -> str:
         return "PATCH" if self.version == 1 else f"PATCH v{self.version}"
 

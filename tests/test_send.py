@@ -86,8 +86,8 @@ def smtp_local(port: int) -> str:
 def test_dry_run_of_the_real_series(kernel: WorkTree, tmp_path: Path) -> None:
     man = postman(kernel, Config.load())
     outbox = man.format(tmp_path / "out")
-    man.check(outbox, sending=False)
-    assert not outbox.failed, outbox.failed
+    delivery = man.rehearse(outbox)  # the checks and send-email --dry-run, side by side
+    assert outbox.checks and not outbox.failed, outbox.failed
     total = len(man.series.patches)
     assert [m.subject[:14] for m in outbox.mails] == [
         f"[PATCH v2 {n}/{total}]" for n in range(total + 1)
@@ -101,7 +101,6 @@ def test_dry_run_of_the_real_series(kernel: WorkTree, tmp_path: Path) -> None:
         assert not {a.lower() for a in mail.cc} & {a.lower() for a in mail.to}
     assert "linux-kernel@vger.kernel.org" in outbox.mails[1].cc
     assert "Anish Moorthy <amoorthy@google.com>" in outbox.mails[1].cc
-    delivery = man.send(outbox, dry_run=True)
     assert delivery.output.count("Dry-OK. Log says:") == total + 1
     assert len(delivery.sent) == total + 1
 
