@@ -8,7 +8,8 @@ In one shared clone of the embedded default tree with the series rebased onto it
            developer's script would: `checkpatch.pl --strict` and `get_maintainer.pl` on each
            patch
   b4:      `b4 send --dry-run` on a b4 prep branch of the same commits, when b4 is installed
-           (pip install b4) and can enroll the branch offline; skipped with the reason if not.
+           (`pip install -e '.[bench]'`) and can enroll the branch offline; skipped with the
+           reason if not.
 Cold is the first toolkit run (checkpatch and get_maintainer caches empty); warm is every run
 after, the usual case when iterating. Prints medians and ratios; target: at most 1.5x raw git.
 Run: .venv/bin/python bench/send.py [--rounds N]
@@ -37,7 +38,7 @@ def b4_time(clone: Path, base: str, branch: str, env: dict[str, str]) -> str:
     """b4 send --dry-run on a prep branch of the same commits, or why it could not run."""
     b4 = shutil.which("b4") or str(PROJECT / ".venv/bin/b4")
     if not Path(b4).exists():
-        return "b4 not installed (pip install b4): skipped"
+        return "b4 not installed (.venv/bin/pip install -e '.[bench]'): skipped"
     enroll = subprocess.run(
         [b4, "prep", "-n", "b4-bench", "-f", base],
         cwd=clone,
