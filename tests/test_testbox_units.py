@@ -15,7 +15,7 @@ from rich.console import Console
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT
-from kseries.testbox import boot, initramfs, kernel, report, runner, suite
+from kseries.testbox import boot, initramfs, kernel, report, runner, session, suite
 from kseries.testbox.box import TestboxConfig, parse_box
 
 
@@ -451,3 +451,14 @@ def test_soak_report_merges_boxes_per_kernel(tmp_path: Path) -> None:
     assert "race: per box" in text and "550" in text and "all boxes" in text
     data = json.loads(report.write(tmp_path, runs, {})[0].read_text())
     assert data["soak_report"]["race"][2]["cycles"] == 550
+
+
+def test_a_reference_column_is_named_after_its_build(tmp_path: Path) -> None:
+    boot = tmp_path / "mst-base" / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    (boot / "manifest.json").write_text("{}")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "bzImage").write_bytes(b"")
+    assert session._ref_name(str(boot / "manifest.json")) == "mst-base"
+    assert session._ref_name(str(tmp_path / "kernels" / "bzImage")) == "kernels"
+    assert session._ref_name("kvm-x86/next") == "kvm-x86/next"

@@ -422,9 +422,14 @@ def test_remote(
 
 
 def _ref_name(spec: str) -> str:
-    """A short column name: the git ref as given, or the directory holding the file."""
+    """A short column name: the git ref as given; for a file, the build directory of a
+    BUILD/arch/x86/boot/{bzImage,manifest.json}, else the directory holding it."""
     path = Path(spec).expanduser()
-    return path.parent.name if path.is_file() else spec
+    if not path.is_file():
+        return spec
+    if path.parent.match("arch/x86/boot") and len(path.parents) > 3:
+        return path.parents[3].name
+    return path.parent.name
 
 
 def _safe(label: str) -> str:
