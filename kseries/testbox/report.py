@@ -226,7 +226,8 @@ def details(runs: Sequence[Run]) -> list[str]:
 def write(out: Path, runs: Sequence[Run], meta: dict[str, Any]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.json"
-    merged = {"soak_report": soak_rows(runs)} if soak_rows(runs) else {}
+    soak = soak_rows(runs)
+    merged = {"soak_report": soak} if soak else {}
     body = {**meta, **merged, "runs": [r.to_json() for r in runs]}
     report.write_text(json.dumps(body, indent=2) + "\n")
     junit = out / "junit.xml"

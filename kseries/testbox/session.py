@@ -370,8 +370,9 @@ def test_remote(
             log(f"tests: {b.spec.name} not built: {b.error}")
     directory = output_dir(out)
     directory.mkdir(parents=True, exist_ok=True)
-    ignore = settings.settings().get("dmesg_ignore", [])
-    functions = settings.settings().get("trace", {}) if trace else {}
+    defaults = settings.settings()
+    ignore = defaults.get("dmesg_ignore", [])
+    functions = defaults.get("trace", {}) if trace else {}
     if trace and not functions:
         raise ToolkitError(
             f"--trace: no functions to probe in {settings.directory / 'testboxes.toml'}",
