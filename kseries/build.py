@@ -48,9 +48,9 @@ from rich.progress import (
 
 from kseries import tree as tree_stage
 from kseries.config import Config
+from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.locks import exclusive
 from kseries.paths import cache_dir
 
 Log = Callable[[str], None]

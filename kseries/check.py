@@ -30,9 +30,9 @@ from rich.table import Table
 from kseries import build as build_stage
 from kseries.build import BuildConfig
 from kseries.config import Config, check_keys
+from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.locks import exclusive
 from kseries.paths import cache_dir
 
 Log = Callable[[str], None]

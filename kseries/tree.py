@@ -26,9 +26,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kseries.config import Config
+from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.locks import exclusive
 from kseries.paths import cache_dir
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")

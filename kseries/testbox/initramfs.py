@@ -18,10 +18,11 @@ import io
 import os
 import re
 import stat
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kseries.core.files import exclusive, remove_stale, scratch_name, write_atomic
+from kseries.core.run import run
 from kseries.errors import ToolkitError
 
 INSTALL_HINT = "run `bash ci/install.sh` (or `apt-get install {package}`)"
@@ -111,9 +112,7 @@ def require(path: str, package: str) -> None:
 
 def libraries(program: str) -> list[str]:
     """The shared libraries (and the ELF interpreter) `ldd` lists for a host program."""
-    done = subprocess.run(["ldd", program], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise ToolkitError(f"ldd {program} failed: {done.stderr.strip()}", "check the program")
+    done = run(["ldd", program], hint="check the program")
     found = re.findall(r"=>\s*(/\S+)|^\s*(/\S+)\s+\(", done.stdout, re.MULTILINE)
     return sorted({a or b for a, b in found})
 
@@ -133,49 +132,39 @@ class Keys:
         return self.directory / "id_ed25519"
 
     def ensure(self) -> Keys:
-        """Generate whatever is missing, once; existing keys are never replaced."""
+        """Generate whatever is missing, once; existing keys are never replaced.
+
+        Boxes start in parallel from one key directory: each key is made by one process at a
+        time under a lock, into a fresh scratch name, and renamed into place whole, so no
+        generator ever finds a half-written key or asks to overwrite one."""
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        if not self.host_key.is_file():
-            require("/usr/bin/dropbearkey", "dropbear-bin")
-            _quiet(["dropbearkey", "-t", "ed25519", "-f", str(self.host_key)])
-        if not self.identity.is_file():
-            require("/usr/bin/ssh-keygen", "openssh-client")
-            _quiet(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    "kseries-testbox",
-                    "-f",
-                    str(self.identity),
-                ]
-            )
+        if self.host_key.is_file() and self.identity.is_file():
+            return self
+        with exclusive(self.directory / ".lock"):
+            remove_stale(self.directory)
+            if not self.host_key.is_file():
+                require("/usr/bin/dropbearkey", "dropbear-bin")
+                scratch = scratch_name(self.host_key)
+                run(["dropbearkey", "-t", "ed25519", "-f", scratch])
+                os.replace(scratch, self.host_key)
+            if not self.identity.is_file():
+                require("/usr/bin/ssh-keygen", "openssh-client")
+                scratch = scratch_name(self.identity)
+                comment = "kseries-testbox"
+                run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", scratch])
+                os.replace(f"{scratch}.pub", self.identity.with_suffix(".pub"))
+                os.replace(scratch, self.identity)
         return self
 
     def host_public(self) -> str:
         """The host key's public half, "ssh-ed25519 AAAA…" (for known_hosts)."""
-        out = subprocess.run(
-            ["dropbearkey", "-y", "-f", str(self.host_key)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = run(["dropbearkey", "-y", "-f", self.host_key]).stdout
         line = next(x for x in out.splitlines() if x.startswith("ssh-"))
         return " ".join(line.split()[:2])
 
     def client_public(self) -> str:
         return " ".join(self.identity.with_suffix(".pub").read_text().split()[:2])
-
-
-def _quiet(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise ToolkitError(f"{' '.join(cmd[:2])} failed: {done.stderr.strip()}", "see the error")
 
 
 def build(out: Path, keys: Keys, *, rc: str = RC, inittab: str = INITTAB) -> Path:
@@ -196,9 +185,7 @@ def build(out: Path, keys: Keys, *, rc: str = RC, inittab: str = INITTAB) -> Pat
     archive.chardev("dev/console", 5, 1)
     archive.chardev("dev/null", 1, 3, 0o666)
     archive.copy(BUSYBOX, 0o755)
-    applets = subprocess.run(
-        [BUSYBOX, "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    applets = run([BUSYBOX, "--list-full"]).stdout.split()
     for applet in applets:
         if applet != BUSYBOX.lstrip("/"):
             archive.symlink(applet, BUSYBOX)
@@ -220,9 +207,7 @@ def build(out: Path, keys: Keys, *, rc: str = RC, inittab: str = INITTAB) -> Pat
     stamp = out.with_name(out.name + ".inputs")
     if out.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    partial.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
-    os.replace(partial, out)
-    stamp.write_text(digest + "\n")
+    with exclusive(out.with_name(f".{out.name}.lock")):
+        write_atomic(out, gzip.compress(data, compresslevel=1, mtime=0))
+        write_atomic(stamp, digest + "\n")
     return out
