@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     git perl xz-utils dpkg ca-certificates debian-archive-keyring  # tree import, checkpatch
     gcc make flex bison bc libelf-dev libssl-dev cpio rsync ccache distcc  # kernel builds
-    git-email python3-ply python3-git  # send-series; checkpatch.pl's SPDX check
+    git-email libmailtools-perl  # send-series (git send-email needs Mail::Address, a Recommends)
+    python3-ply python3-git  # checkpatch.pl's SPDX check
     qemu-system-x86 busybox-static dropbear-bin kexec-tools  # the local QEMU test box
     openssh-client openssh-server  # SSH to boxes; sshd for the SSH-layer tests
 )
