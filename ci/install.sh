@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
+    python3 python3-venv  # the venv below (minbase Debian has neither; venv needs ensurepip)
     git perl xz-utils dpkg ca-certificates debian-archive-keyring  # tree import, checkpatch
     gcc make flex bison bc libelf-dev libssl-dev cpio rsync ccache distcc  # kernel builds
     git-email libmailtools-perl  # send-series (git send-email needs Mail::Address, a Recommends)
     python3-ply python3-git  # checkpatch.pl's SPDX check
     qemu-system-x86 busybox-static dropbear-bin kexec-tools  # the local QEMU test box
     openssh-client openssh-server  # SSH to boxes; sshd for the SSH-layer tests
+    mmdebstrap  # tests/test_fresh_root.py: a fresh Debian root for ci/install.sh
 )
 
 missing=()
@@ -23,8 +25,9 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [[ ! -x .venv/bin/python ]]; then
-    python3 -m venv .venv
+# A venv made without ensurepip has a python but no pip: make it again.
+if [[ ! -x .venv/bin/python || ! -x .venv/bin/pip ]]; then
+    python3 -m venv --clear .venv
 fi
 # pip's stderr is noisy here (local index warnings); show it only when pip fails.
 pip_log=$(mktemp)
