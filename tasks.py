@@ -266,6 +266,15 @@ def send_series(
         raise SystemExit(1)
 
 
+@task
+@edge
+def doctor(c: Context) -> None:
+    """Check that every external tool the stages use works here (runs it); name the fixes."""
+    from kseries import doctor as doctor_stage
+
+    doctor_stage.main(console)
+
+
 BOX_HELP = "box name from configs/testboxes.toml (default: [testbox] default, i.e. local)"
 
 
@@ -398,7 +407,7 @@ def testbox_console(c: Context, box: str = "", lines: int = 50) -> None:
 
 # The namespace is explicit so stage groups (e.g. `testbox.up`) can sit beside top-level tasks.
 ns = Collection(
-    rebase, export, changelog, prepare, pipeline, build, check, send_series, test_remote
+    rebase, export, changelog, prepare, pipeline, build, check, send_series, test_remote, doctor
 )
 testbox = Collection("testbox")
 testbox.add_task(testbox_up, name="up")

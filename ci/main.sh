@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
+.venv/bin/invoke doctor  # every tool the stages run works, or the line naming its fix
 exec .venv/bin/invoke pipeline "$@"

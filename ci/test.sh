@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
+.venv/bin/invoke doctor  # every tool the stages run works, or the line naming its fix
 .venv/bin/ruff check .
 exec .venv/bin/pytest -ra "$@"

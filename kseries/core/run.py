@@ -27,7 +27,9 @@ TimeoutExpired = subprocess.TimeoutExpired
 # The Debian package behind each program the stages run (`invoke doctor` checks them all).
 PACKAGES = {
     "git": "git",
+    "git-send-email": "git-email",
     "perl": "perl",
+    "python3": "python3",
     "gcc": "gcc",
     "make": "make",
     "flex": "flex",
@@ -50,6 +52,12 @@ PACKAGES = {
     "ssh": "openssh-client",
     "sshd": "openssh-server",
     "mmdebstrap": "mmdebstrap",
+    # Not programs: what they load, by the name it is loaded by.
+    "perl:Mail::Address": "libmailtools-perl",  # git send-email (only a Recommends of git-email)
+    "python3:ply": "python3-ply",  # checkpatch.pl's SPDX check
+    "python3:git": "python3-git",
+    "gelf.h": "libelf-dev",  # objtool
+    "openssl/opensslv.h": "libssl-dev",  # sign-file, extract-cert
 }
 INSTALL_HINT = "run `bash ci/install.sh` (or `apt-get install {package}`)"
 

@@ -1,0 +1,359 @@
+"""`invoke doctor`: proof that every external tool the stages use works on this machine.
+
+Each check runs the tool for real, in a scratch directory with stdin closed: gcc compiles and
+links, the libelf and OpenSSL headers compile and their libraries link, git send-email
+dry-runs a mail with To: and Cc: headers (which is what loads Perl's Mail::Address), keys are
+generated. Installed is not enough: a tool whose library or Perl module is missing is found
+here, not halfway through a pipeline. A failing check names the Debian package that fixes it,
+from kseries.core.run.PACKAGES (the one table of which package has what).
+
+The checks are data (CHECKS, one line of output each) and run in parallel threads.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kseries.core.run import INSTALL_HINT, PACKAGES, run
+from kseries.errors import ToolkitError
+from kseries.testbox.initramfs import BUSYBOX, PROGRAMS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+TIMEOUT = 30.0  # seconds per check; they take well under one, even on a busy machine
+WORKERS = 8
+
+HELLO_C = "int main(void) { return 0; }\n"
+GELF_C = """\
+#include <gelf.h>
+int main(void) { return elf_version(EV_CURRENT) == EV_NONE; }
+"""
+OPENSSL_C = """\
+#include <openssl/opensslv.h>
+#include <openssl/crypto.h>
+int main(void) { return OpenSSL_version_num() == 0; }
+"""
+# git send-email parses To: and Cc: headers with Mail::Address, loaded only then (a bare
+# --help or a mail without them passes even when the module is missing). --to, or it asks.
+MAIL = """\
+From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
+From: Doctor <doctor@example.org>
+To: Some One <one@example.org>
+Cc: other@example.org
+Date: Mon, 1 Jan 2024 00:00:00 +0000
+Subject: [PATCH] doctor: a mail that is never sent
+
+Body.
+---
+ file | 1 +
+ 1 file changed, 1 insertion(+)
+"""
+# git without the user's or the system's configuration, with an identity, so only the tool is
+# checked (send-email asks git for the committer and author idents).
+GIT_ENV = {
+    "HOME": "{dir}",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    **{f"GIT_{who}_NAME": "Doctor" for who in ("AUTHOR", "COMMITTER")},
+    **{f"GIT_{who}_EMAIL": "doctor@example.org" for who in ("AUTHOR", "COMMITTER")},
+}
+# checkpatch.pl's own Perl modules (its SPDX check's Python modules are checked apart).
+CHECKPATCH_PERL = ("Term::ANSIColor", "Encode", "Getopt::Long", "File::Basename", "Cwd")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One tool, run for real. `argv` runs in a fresh scratch directory of its own (relative
+    paths are files there); "{dir}" in argv and env values is that directory's path."""
+
+    what: str  # the line printed for it
+    argv: tuple[str, ...]
+    needs: tuple[str, ...]  # PACKAGES keys: what a failure points at, besides argv[0] itself
+    files: Mapping[str, str] = field(default_factory=dict)  # written into the directory first
+    env: Mapping[str, str] = field(default_factory=dict)
+    input: str | None = None
+    expect: str = ""  # stdout must contain this
+    static: bool = False  # argv[0] must be statically linked (it goes into the initramfs alone)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(PACKAGES[n] for n in self.needs))
+
+    @property
+    def shows_version(self) -> bool:
+        """Whether its first line of output is worth printing (a version)."""
+        return "--version" in self.argv or "-V" in self.argv
+
+
+def _dynamic(name: str) -> str:
+    return f"{name} (copied into the test box with its libraries) runs"
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("git runs", ("git", "--version"), ("git",)),
+    Check(
+        "git send-email dry-runs a mail with To: and Cc: (Perl's Mail::Address)",
+        (
+            "git", "send-email", "--dry-run", "--quiet", "--confirm=never", "--suppress-cc=all",
+            "--from=Doctor <doctor@example.org>", "--to=one@example.org",
+            "--smtp-server=/bin/false", "mail.patch",
+        ),
+        ("git-send-email", "perl:Mail::Address"),
+        files={"mail.patch": MAIL},
+        env=GIT_ENV,
+        expect="Dry-Sent",
+    ),
+    Check("perl loads Mail::Address", ("perl", "-MMail::Address", "-e1"), ("perl:Mail::Address",)),
+    Check(
+        "perl loads checkpatch.pl's modules",
+        ("perl", *(f"-M{m}" for m in CHECKPATCH_PERL), "-e1"),
+        ("perl",),
+    ),
+    Check(
+        "python3 imports ply (checkpatch.pl's SPDX check)",
+        ("/usr/bin/python3", "-c", "import ply.lex, ply.yacc"),
+        ("python3:ply",),
+    ),
+    Check(
+        "python3 imports git (checkpatch.pl's SPDX check)",
+        ("/usr/bin/python3", "-c", "import git"),
+        ("python3:git",),
+    ),
+    Check(
+        "gcc compiles and links a C program",
+        ("gcc", "-o", "hello", "hello.c"),
+        ("gcc",),
+        files={"hello.c": HELLO_C},
+    ),
+    Check(
+        "libelf: <gelf.h> compiles, -lelf links (objtool)",
+        ("gcc", "-o", "elf", "elf.c", "-lelf"),
+        ("gelf.h",),
+        files={"elf.c": GELF_C},
+    ),
+    Check(
+        "openssl: <openssl/opensslv.h> compiles, -lcrypto links (sign-file, extract-cert)",
+        ("gcc", "-o", "ssl", "ssl.c", "-lcrypto"),
+        ("openssl/opensslv.h",),
+        files={"ssl.c": OPENSSL_C},
+    ),
+    Check(
+        "make runs a Makefile",
+        ("make", "-s", "-f", "Makefile"),
+        ("make",),
+        files={"Makefile": "all:\n\t@echo made\n"},
+        expect="made",
+    ),
+    Check(
+        "flex generates a scanner",
+        ("flex", "-o", "scan.c", "scan.l"),
+        ("flex",),
+        files={"scan.l": "%option noyywrap\n%%\n"},
+    ),
+    Check(
+        "bison generates a parser",
+        ("bison", "-o", "parse.c", "parse.y"),
+        ("bison",),
+        files={"parse.y": "%%\nstart: %empty ;\n"},
+    ),
+    Check("bc computes", ("bc", "-q"), ("bc",), input="2^10\n", expect="1024"),
+    Check("cpio runs", ("cpio", "--version"), ("cpio",)),
+    Check(
+        "rsync copies a file (make headers_install)",
+        ("rsync", "-a", "file", "copy"),
+        ("rsync",),
+        files={"file": "x\n"},
+    ),
+    Check("xz runs (the kernel source tarball)", ("xz", "--version"), ("xz",)),
+    Check("dpkg-deb runs (the kernel source package)", ("dpkg-deb", "--version"), ("dpkg-deb",)),
+    Check(
+        "ccache compiles through gcc",
+        ("ccache", "gcc", "-c", "-o", "hello.o", "hello.c"),
+        ("ccache",),
+        files={"hello.c": HELLO_C},
+        env={"CCACHE_DIR": "{dir}/ccache"},
+    ),
+    Check(
+        "distcc compiles through gcc (DISTCC_HOSTS=localhost)",
+        ("distcc", "gcc", "-c", "-o", "hello.o", "hello.c"),
+        ("distcc",),
+        files={"hello.c": HELLO_C},
+        env={"DISTCC_HOSTS": "localhost", "DISTCC_DIR": "{dir}"},
+    ),
+    Check("qemu-system-x86_64 runs", ("qemu-system-x86_64", "--version"), ("qemu-system-x86_64",)),
+    Check(
+        f"{BUSYBOX} is static and lists its applets (the test box's userspace)",
+        (BUSYBOX, "--list-full"),
+        ("busybox",),
+        static=True,
+    ),
+    *(
+        Check(
+            _dynamic(program),
+            (program, "-V" if Path(program).name == "dropbear" else "--version"),
+            (Path(program).name,),
+        )
+        for program in PROGRAMS
+    ),
+    Check(
+        "dropbearkey generates the box's host key",
+        ("dropbearkey", "-t", "ed25519", "-f", "host_key"),
+        ("dropbearkey",),
+    ),
+    Check(
+        "ssh-keygen generates a key (stdin closed)",
+        ("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "doctor", "-f", "id_ed25519"),
+        ("ssh-keygen",),
+    ),
+    Check("ssh runs", ("ssh", "-V"), ("ssh",)),
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    check: Check
+    ok: bool
+    detail: str  # on success the tool's version, if it was asked; on failure the reason
+    fix: str = ""  # on failure: the package to install
+    packages: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def diagnose(
+    checks: tuple[Check, ...] = CHECKS, env: Mapping[str, str] | None = None
+) -> list[Result]:
+    """Run every check (in parallel) and return their results in the table's order."""
+    base = dict(os.environ if env is None else env)
+    with tempfile.TemporaryDirectory(prefix="kseries-doctor-") as scratch:
+        directories = []
+        for number, _ in enumerate(checks):
+            directory = Path(scratch) / f"{number:02d}"
+            directory.mkdir()
+            directories.append(directory)
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            return list(pool.map(lambda c, d: _run(c, d, base), checks, directories))
+
+
+def _run(check: Check, directory: Path, base: Mapping[str, str]) -> Result:
+    started = time.monotonic()
+
+    def result(ok: bool, detail: str, fix_packages: tuple[str, ...] = ()) -> Result:
+        fix = INSTALL_HINT.format(package=" ".join(fix_packages)) if fix_packages else ""
+        return Result(check, ok, detail, fix, fix_packages, time.monotonic() - started)
+
+    def fill(text: str) -> str:
+        return text.replace("{dir}", str(directory))
+
+    for name, text in check.files.items():
+        (directory / name).write_text(text)
+    program_package = PACKAGES.get(Path(check.argv[0]).name, Path(check.argv[0]).name)
+    if check.static and Path(check.argv[0]).is_file() and not _is_static(check.argv[0]):
+        return result(False, f"{check.argv[0]} is dynamically linked", check.packages)
+    try:
+        ran = run(
+            [fill(a) for a in check.argv],
+            cwd=directory,
+            env={**base, **{k: fill(v) for k, v in check.env.items()}},
+            input=check.input,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except ToolkitError as e:  # not installed, not executable, timed out
+        missing = "not installed" in e.message or "not executable" in e.message
+        return result(False, e.message, (program_package,) if missing else check.packages)
+    if not ran.ok:
+        reason = _first_line(ran.stderr) or _first_line(ran.stdout)
+        return result(False, f"exit status {ran.status}: {reason}", check.packages)
+    if check.expect and check.expect not in ran.stdout:
+        reason = f"printed no {check.expect!r}: {_first_line(ran.stdout + ran.stderr)}"
+        return result(False, reason, check.packages)
+    version = _first_line(ran.stdout) or _first_line(ran.stderr) if check.shows_version else ""
+    return result(True, version)
+
+
+def _first_line(text: str, width: int = 100) -> str:
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _is_static(path: str) -> bool:
+    """Whether an ELF file has no program interpreter (PT_INTERP), i.e. needs no ld.so."""
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF":
+            return False
+        order = "<" if header[5] == 1 else ">"
+        if header[4] == 2:  # ELFCLASS64
+            (phoff,) = struct.unpack_from(order + "Q", header, 0x20)
+            size, count = struct.unpack_from(order + "HH", header, 0x36)
+        else:
+            (phoff,) = struct.unpack_from(order + "I", header, 0x1C)
+            size, count = struct.unpack_from(order + "HH", header, 0x2A)
+        f.seek(phoff)
+        table = f.read(size * count)
+    pt_interp = 3
+    return all(
+        struct.unpack_from(order + "I", table, i * size)[0] != pt_interp for i in range(count)
+    )
+
+
+def lines(results: list[Result]) -> list[str]:
+    """Plain output: one line per check, a failure with its fix."""
+    out = []
+    for r in results:
+        if r.ok:
+            out.append(f"ok    {r.check.what}" + (f" ({r.detail})" if r.detail else ""))
+        else:
+            out.append(f"FAIL  {r.check.what}: {r.detail}; fix: {r.fix}")
+    return out
+
+
+def table(results: list[Result]) -> Table:
+    from rich.markup import escape
+    from rich.table import Table
+
+    grid = Table(title="doctor", title_justify="left")
+    grid.add_column("")
+    grid.add_column("check")
+    grid.add_column("result")
+    for r in results:
+        if r.ok:
+            grid.add_row("[green]ok[/]", escape(r.check.what), f"[dim]{escape(r.detail)}[/]")
+        else:
+            text = f"[red]{escape(r.detail)}[/]\nfix: {escape(r.fix)}"
+            grid.add_row("[red]FAIL[/]", escape(r.check.what), text)
+    return grid
+
+
+def verdict(results: list[Result], seconds: float) -> str:
+    """The summary line; raises ToolkitError (with every package to install) on a failure."""
+    failed = [r for r in results if not r.ok]
+    if failed:
+        packages = " ".join(dict.fromkeys(p for r in failed for p in r.packages))
+        raise ToolkitError(
+            f"doctor: {len(failed)} of {len(results)} checks failed",
+            INSTALL_HINT.format(package=packages),
+        )
+    return f"doctor: all {len(results)} checks passed in {seconds:.1f} s"
+
+
+def main(console: Console) -> None:
+    """The task: run the checks, show them (a table on a terminal, plain lines off one)."""
+    started = time.monotonic()
+    results = diagnose()
+    if console.is_terminal:
+        console.print(table(results))
+    else:
+        for line in lines(results):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(verdict(results, time.monotonic() - started), markup=False, highlight=False)
