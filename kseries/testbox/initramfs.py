@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kseries.core.files import exclusive, remove_stale, scratch_name, write_atomic
-from kseries.core.run import run
+from kseries.core.run import INSTALL_HINT, PACKAGES, run
 from kseries.errors import ToolkitError
 
-INSTALL_HINT = "run `bash ci/install.sh` (or `apt-get install {package}`)"
 BUSYBOX = "/bin/busybox"
-# Host programs copied into the box, with the Debian package that has each.
-PROGRAMS = {"/usr/sbin/dropbear": "dropbear-bin", "/usr/sbin/kexec": "kexec-tools"}
+# Host programs copied into the box (their packages: kseries.core.run.PACKAGES).
+PROGRAMS = ("/usr/sbin/dropbear", "/usr/sbin/kexec")
 HOST_KEY = "/etc/dropbear/host_key_ed25519"
 FORMAT_VERSION = 3  # bump when the layout below changes, so cached images are rebuilt
 
@@ -105,8 +104,9 @@ def _entry(out: io.BytesIO, name: str, mode: int, data: bytes, ino: int, rdev: i
     out.write(b"\0" * (-len(data) % 4))
 
 
-def require(path: str, package: str) -> None:
+def require(path: str) -> None:
     if not Path(path).exists():
+        package = PACKAGES[Path(path).name]
         raise ToolkitError(f"{path} is missing", INSTALL_HINT.format(package=package))
 
 
@@ -144,12 +144,12 @@ class Keys:
         with exclusive(self.directory / ".lock"):
             remove_stale(self.directory)
             if not self.host_key.is_file():
-                require("/usr/bin/dropbearkey", "dropbear-bin")
+                require("/usr/bin/dropbearkey")
                 scratch = scratch_name(self.host_key)
                 run(["dropbearkey", "-t", "ed25519", "-f", scratch])
                 os.replace(scratch, self.host_key)
             if not self.identity.is_file():
-                require("/usr/bin/ssh-keygen", "openssh-client")
+                require("/usr/bin/ssh-keygen")
                 scratch = scratch_name(self.identity)
                 comment = "kseries-testbox"
                 run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", scratch])
@@ -172,9 +172,8 @@ def build(out: Path, keys: Keys, *, rc: str = RC, inittab: str = INITTAB) -> Pat
 
     `rc` and `inittab` are replaceable so tests can build a box that panics or never answers.
     """
-    require(BUSYBOX, "busybox-static")
-    for program, package in PROGRAMS.items():
-        require(program, package)
+    for program in (BUSYBOX, *PROGRAMS):
+        require(program)
     keys.ensure()
     archive = Archive()
     for name in ("proc", "sys", "dev", "tmp", "run", "root", "var/log", "etc/dropbear"):
