@@ -13,6 +13,7 @@ The checks are data (CHECKS, one line of output each) and run in parallel thread
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kseries.core.run import INSTALL_HINT, PACKAGES, run
+from kseries.core.run import INSTALL_HINT, PACKAGES, missing, run
 from kseries.errors import ToolkitError
 from kseries.testbox.initramfs import BUSYBOX, PROGRAMS
 
@@ -67,8 +68,12 @@ GIT_ENV = {
     **{f"GIT_{who}_NAME": "Doctor" for who in ("AUTHOR", "COMMITTER")},
     **{f"GIT_{who}_EMAIL": "doctor@example.org" for who in ("AUTHOR", "COMMITTER")},
 }
-# checkpatch.pl's own Perl modules (its SPDX check's Python modules are checked apart).
-CHECKPATCH_PERL = ("Term::ANSIColor", "Encode", "Getopt::Long", "File::Basename", "Cwd")
+# The Perl modules checkpatch.pl and get_maintainer.pl use (7.2's scripts/); the Python
+# modules of checkpatch's SPDX check (scripts/spdxcheck.py) are checked apart.
+KERNEL_PERL = (
+    "Cwd", "Encode", "File::Basename", "File::Find", "File::Spec::Functions", "Getopt::Long",
+    "JSON::PP", "POSIX", "Term::ANSIColor",
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Check:
 
     what: str  # the line printed for it
     argv: tuple[str, ...]
-    needs: tuple[str, ...]  # PACKAGES keys: what a failure points at, besides argv[0] itself
+    needs: tuple[str, ...]  # PACKAGES keys: the fix when it fails (a missing argv[0]: its own)
     files: Mapping[str, str] = field(default_factory=dict)  # written into the directory first
     env: Mapping[str, str] = field(default_factory=dict)
     input: str | None = None
@@ -115,8 +120,8 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check("perl loads Mail::Address", ("perl", "-MMail::Address", "-e1"), ("perl:Mail::Address",)),
     Check(
-        "perl loads checkpatch.pl's modules",
-        ("perl", *(f"-M{m}" for m in CHECKPATCH_PERL), "-e1"),
+        "perl loads checkpatch.pl's and get_maintainer.pl's modules",
+        ("perl", *(f"-M{m}" for m in KERNEL_PERL), "-e1"),
         ("perl",),
     ),
     Check(
@@ -226,7 +231,6 @@ class Result:
     detail: str  # on success the tool's version, if it was asked; on failure the reason
     fix: str = ""  # on failure: the package to install
     packages: tuple[str, ...] = ()
-    seconds: float = 0.0
 
 
 def diagnose(
@@ -245,39 +249,40 @@ def diagnose(
 
 
 def _run(check: Check, directory: Path, base: Mapping[str, str]) -> Result:
-    started = time.monotonic()
-
-    def result(ok: bool, detail: str, fix_packages: tuple[str, ...] = ()) -> Result:
-        fix = INSTALL_HINT.format(package=" ".join(fix_packages)) if fix_packages else ""
-        return Result(check, ok, detail, fix, fix_packages, time.monotonic() - started)
+    def result(ok: bool, detail: str, packages: tuple[str, ...] = ()) -> Result:
+        fix = INSTALL_HINT.format(package=" ".join(packages)) if packages else ""
+        return Result(check, ok, detail, fix, packages)
 
     def fill(text: str) -> str:
         return text.replace("{dir}", str(directory))
 
+    env = {**base, **{k: fill(v) for k, v in check.env.items()}}
+    program = check.argv[0]
+    if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        name = Path(program).name
+        return result(False, missing(program).message, (PACKAGES.get(name, name),))
+    if check.static and not _is_static(program):
+        return result(False, f"{program} is dynamically linked", check.packages)
     for name, text in check.files.items():
         (directory / name).write_text(text)
-    program_package = PACKAGES.get(Path(check.argv[0]).name, Path(check.argv[0]).name)
-    if check.static and Path(check.argv[0]).is_file() and not _is_static(check.argv[0]):
-        return result(False, f"{check.argv[0]} is dynamically linked", check.packages)
     try:
         ran = run(
             [fill(a) for a in check.argv],
             cwd=directory,
-            env={**base, **{k: fill(v) for k, v in check.env.items()}},
+            env=env,
             input=check.input,
             timeout=TIMEOUT,
             check=False,
         )
-    except ToolkitError as e:  # not installed, not executable, timed out
-        missing = "not installed" in e.message or "not executable" in e.message
-        return result(False, e.message, (program_package,) if missing else check.packages)
+    except ToolkitError as e:  # timed out
+        return result(False, e.message, check.packages)
     if not ran.ok:
         reason = _first_line(ran.stderr) or _first_line(ran.stdout)
         return result(False, f"exit status {ran.status}: {reason}", check.packages)
     if check.expect and check.expect not in ran.stdout:
         reason = f"printed no {check.expect!r}: {_first_line(ran.stdout + ran.stderr)}"
         return result(False, reason, check.packages)
-    version = _first_line(ran.stdout) or _first_line(ran.stderr) if check.shows_version else ""
+    version = (_first_line(ran.stdout) or _first_line(ran.stderr)) if check.shows_version else ""
     return result(True, version)
 
 
