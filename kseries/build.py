@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ from rich.progress import (
 
 from kseries import tree as tree_stage
 from kseries.config import Config
+from kseries.core import run as door
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
@@ -285,19 +285,10 @@ class BuildConfig:
 def _run_kconfig(cmd: Sequence[str], tree: Path, output: IO[str]) -> None:
     output.write(f"$ {' '.join(cmd)}\n")
     output.flush()
-    done = subprocess.run(
-        list(cmd),
-        cwd=tree,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        check=False,
-    )
+    done = door.run(cmd, cwd=tree, env=_env(), stderr=door.STDOUT, check=False)
     output.write(done.stdout)
     output.flush()
-    if done.returncode == 0:
+    if done.ok:
         return
     lines = done.stdout.splitlines()
     missing = _missing_tool(lines)
@@ -306,7 +297,7 @@ def _run_kconfig(cmd: Sequence[str], tree: Path, output: IO[str]) -> None:
     # Kconfig names its own errors "FILE:LINE: what"; else make's or the script's complaint.
     first = next((line for line in lines if re.match(r"[\w./-]+:\d+: ", line)), None)
     first = first or next((line for line in lines if re.search(r"\berror\b", line, re.I)), None)
-    first = first or (lines[-1] if lines else f"exit {done.returncode}")
+    first = first or (lines[-1] if lines else f"exit {done.status}")
     first = first.replace(f"{tree}/", "")
     step = Path(cmd[0]).name if cmd[0] != "make" else f"make {cmd[-1]}"
     raise ToolkitError(
@@ -746,15 +737,8 @@ class Build:
         started = time.monotonic()
         steps: list[tuple[str, str]] = []
         output: list[str] = []
-        process = subprocess.Popen(
-            cmd,
-            cwd=self.tree,
-            env=_env(self.env),
-            text=True,
-            errors="replace",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            bufsize=1,
+        process = door.start(
+            cmd, cwd=self.tree, env=_env(self.env), text=True, stderr=door.STDOUT
         )
         assert process.stdout is not None
         try:
@@ -1194,11 +1178,10 @@ class _Source:
         head = work.head()
         self.branch = head.removeprefix("refs/heads/") if head.startswith("refs/") else None
         self.commit = work.git("rev-parse", "HEAD").strip()
-        self._status = subprocess.Popen(
+        self._status = door.start(
             ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
             cwd=work.path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=door.DEVNULL,
             text=True,
         )
         self._dirty: bool | None = None
@@ -1218,12 +1201,10 @@ class _Source:
 
 def kernelrelease(tree: Path, build_dir: Path) -> str:
     """`make -s kernelrelease` of a configured build directory."""
-    done = subprocess.run(
-        ["make", "-s", "-C", str(tree), f"O={build_dir}", "kernelrelease"],
+    done = door.run(
+        ["make", "-s", "-C", tree, f"O={build_dir}", "kernelrelease"],
         cwd=tree,
         env=_env(),
-        capture_output=True,
-        text=True,
         check=False,
     )
     lines = done.stdout.strip().splitlines()
@@ -1260,9 +1241,7 @@ def _ccache_basedir(tree: Path, build_dir: Path) -> dict[str, str]:
     Left alone if the user set a base_dir of their own."""
     if os.environ.get("CCACHE_BASEDIR"):
         return {}
-    configured = subprocess.run(
-        ["ccache", "--get-config", "base_dir"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    configured = door.run(["ccache", "--get-config", "base_dir"], check=False).stdout.strip()
     common = Path(os.path.commonpath([tree, build_dir]))
     if configured or common == Path(common.anchor):
         return {}

@@ -8,12 +8,12 @@ later stage relies on, so a bad definition fails before git is touched.
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kseries.config import Config
+from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 
@@ -235,24 +235,19 @@ def check_diffs(paths: list[Path]) -> None:
     """
     every = _numstat(paths)
     # each diff touches at least one file, so fewer numstat lines than files means an empty one
-    if every.returncode == 0 and len(every.stdout.splitlines()) >= len(paths):
+    if every.ok and len(every.stdout.splitlines()) >= len(paths):
         return
     for path in paths:
         _check_one(path)
 
 
-def _numstat(paths: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["git", "apply", "--numstat", *map(str, paths)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def _numstat(paths: list[Path]) -> Ran:
+    return run(["git", "apply", "--numstat", *paths], check=False)
 
 
 def _check_one(path: Path) -> None:
     result = _numstat([path])
-    if result.returncode != 0 or not result.stdout.strip():
+    if not result.ok or not result.stdout.strip():
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no diff"
         raise ToolkitError(
             f"{path}: not a valid patch: {detail}",

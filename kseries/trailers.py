@@ -8,10 +8,10 @@ hand-edited commit is held to the same standard.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.series import IDENT_RE, Patch, Person
 
@@ -135,11 +135,8 @@ def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: st
 
 def parse(message: str) -> list[Trailer]:
     """The trailers git itself sees in a commit message (`git interpret-trailers --parse`)."""
-    result = subprocess.run(
+    result = run(
         ["git", "-c", "trailer.separators=:", "interpret-trailers", "--parse", "--no-divider"],
         input=message,
-        capture_output=True,
-        text=True,
-        check=True,
     )
     return [Trailer.parse(line) for line in result.stdout.splitlines() if line.strip()]

@@ -15,7 +15,6 @@ import gzip
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,7 +25,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kseries.config import Config
+from kseries.core import run as door
 from kseries.core.files import exclusive
+from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
@@ -493,22 +494,26 @@ def run(
     hint: str = "",
     what: str = "",
 ) -> str:
-    """Run `cmd`; its stdout, or a ToolkitError with the last lines of its stderr.
-
-    `what` names the command in the message (default: its first two words).
-    """
-    status, out, err = _try(cmd, cwd=cwd, env=env)
-    if status != 0:
-        lines = [line.strip() for line in (err or out).splitlines() if line.strip()]
-        tail = "; ".join(lines[-3:]) or "no output"
-        what = what or " ".join(cmd[:2])
-        raise ToolkitError(f"{what} failed (exit {status}): {tail}", hint)
-    return out
+    """Run `cmd` through the door (hermetic when it is git, see _try); its stdout."""
+    return _run(cmd, cwd=cwd, env=env, hint=hint, what=what).stdout
 
 
 def _try(
     cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
 ) -> tuple[int, str, str]:
+    done = _run(cmd, cwd=cwd, env=env, check=False)
+    return done.status, done.stdout, done.stderr
+
+
+def _run(
+    cmd: Sequence[str],
+    *,
+    cwd: Path | None,
+    env: Mapping[str, str] | None,
+    check: bool = True,
+    hint: str = "",
+    what: str = "",
+) -> Ran:
     full_env = {**os.environ, **(env or {})}
     if cmd and cmd[0] == "git":
         # Hermetic git: no user or system config (hooks, signing, autocrlf) can change the sha.
@@ -516,21 +521,14 @@ def _try(
             GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0"
         )
         cmd = ["git", *GIT_CONFIG, *cmd[1:]]
-    try:
-        done = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            env=full_env,
-            check=False,
-            capture_output=True,
-            text=True,
-            errors="replace",
-        )
-    except FileNotFoundError as e:
-        if cwd is not None and not Path(cwd).is_dir():  # the same exception names a missing cwd
-            raise ToolkitError(f"{cwd} does not exist", f"create it before `{cmd[0]}` runs") from e
-        raise ToolkitError(f"{cmd[0]} is not installed", INSTALL_HINT) from e
-    return done.returncode, done.stdout, done.stderr
+    return door.run(
+        cmd,
+        cwd=cwd,
+        env=full_env,
+        check=check,
+        what=what or " ".join(cmd[:2]),
+        **({"hint": hint} if hint else {}),
+    )
 
 
 def git(cwd: Path, *args: str, env: Mapping[str, str] | None = None) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import subprocess
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kseries.config import Config
+from kseries.core.files import exclusive, write_atomic
+from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import boot, kernel, suite
@@ -80,10 +82,7 @@ class BoxSession:
             # the tree's bzImage in the meantime cannot change what boots.
             private = qemu.dir / "kernels" / f"bzImage-{subject.sha256[:12]}"
             if not private.is_file():
-                private.parent.mkdir(parents=True, exist_ok=True)
-                partial = private.with_suffix(".partial")
-                partial.write_bytes(subject.data)
-                partial.replace(private)
+                write_atomic(private, subject.data)
             subject = replace(subject, path=private)
         initrd = initrd_path.read_bytes() if initrd_path else None
         return boot.Staged(subject, initrd, initrd_path, cmdline)
@@ -269,54 +268,43 @@ def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) ->
             "pass a bzImage or manifest, or test a kernel built by `invoke build`",
         )
     tree = Path(under_test.tree)
-    done = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--verify", f"{spec}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise ToolkitError(
-            f"--compare {spec}: not a file and not a commit in {tree}",
-            "pass a branch, tag or sha of the tree, or a bzImage",
-        )
-    sha = done.stdout.strip()
+    sha = _commit(tree, spec)
     key = hashlib.sha256(str(tree).encode()).hexdigest()[:10]
     base = cache_dir() / "testbox" / "compare" / f"{tree.name}-{key}"
     # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: the build stage makes
     # ccache hash paths relative to the common parent, so the two share cache hits.
     worktree = base / "default-tree" / "linux"
-    if not (worktree / ".git").exists():
-        log(f"compare: adding a detached worktree of {tree} at {worktree}")
-        base.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["git", "-C", str(tree), "worktree", "add", "--detach", str(worktree), sha],
-            check=True,
-            capture_output=True,
-        )
-    else:
-        subprocess.run(
-            ["git", "-C", str(worktree), "checkout", "-q", "--detach", sha],
-            check=True,
-            capture_output=True,
-        )
     from kseries import build as build_stage
 
-    pointer = cache_dir() / "build" / "last.json"
-    saved = pointer.read_bytes() if pointer.is_file() else None
-    log(f"compare: building {spec} ({sha[:12]}) with the build stage")
-    try:
+    # One comparison at a time per tree: the worktree's checkout is this build's input.
+    with exclusive(base / ".lock", f"compare: waiting for another comparison in {base}", log):
+        if not (worktree / ".git").exists():
+            log(f"compare: adding a detached worktree of {tree} at {worktree}")
+            if worktree.exists():  # what a killed `worktree add` left: ours, under our lock
+                shutil.rmtree(worktree)
+            run(["git", "-C", tree, "worktree", "prune"])
+            run(["git", "-C", tree, "worktree", "add", "-f", "--detach", worktree, sha])
+        else:
+            run(["git", "-C", worktree, "checkout", "-q", "--detach", sha])
+        log(f"compare: building {spec} ({sha[:12]}) with the build stage")
+        # The reference is not "the last build": the pointer stays on the kernel under test.
         manifest = build_stage.build(
-            config, tree=str(worktree), out=str(base / "build" / "linux"), log=log
+            config, tree=str(worktree), out=str(base / "build" / "linux"), log=log, set_last=False
         )
-    finally:
-        # The reference is not "the last build": keep the pointer on the kernel under test.
-        if saved is not None:
-            pointer.write_bytes(saved)
     return kernel.load(str(manifest.path))
 
 
 # --- composing it all ------------------------------------------------------------------------
+
+
+def _commit(tree: Path, spec: str) -> str:
+    done = run(["git", "-C", tree, "rev-parse", "--verify", f"{spec}^{{commit}}"], check=False)
+    if not done.ok:
+        raise ToolkitError(
+            f"--compare {spec}: not a file and not a commit in {tree}",
+            "pass a branch, tag or sha of the tree, or a bzImage",
+        )
+    return done.stdout.strip()
 
 
 def output_dir(out: str) -> Path:

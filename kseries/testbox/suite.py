@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kseries.config import check_keys
+from kseries.core.files import scratch_name
+from kseries.core.run import STDOUT, run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox.box import FILE, TestboxConfig
@@ -292,11 +293,9 @@ class Builder:
         if recipe.strip:
             stripped = output.with_name(output.name + ".stripped")
             if not stripped.is_file() or stripped.stat().st_mtime < output.stat().st_mtime:
-                subprocess.run(
-                    ["strip", "--strip-debug", "-o", str(stripped), str(output)],
-                    check=True,
-                    capture_output=True,
-                )
+                scratch = scratch_name(stripped)
+                run(["strip", "--strip-debug", "-o", scratch, output])
+                os.replace(scratch, stripped)
             return Built(spec, stripped.read_bytes(), output)
         return Built(spec, output.read_bytes(), output)
 
@@ -304,11 +303,11 @@ class Builder:
         with log_file.open("a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-        if done.returncode != 0:
+            done = run(cmd, stdout=f, stderr=STDOUT, check=False)
+        if not done.ok:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
             first = next((x for x in tail if "rror" in x), tail[-1] if tail else "")
             raise ToolkitError(
-                f"building {what} failed (exit {done.returncode}): {first.strip()}",
+                f"building {what} failed (exit {done.status}): {first.strip()}",
                 f"the whole output is in {log_file}",
             )
