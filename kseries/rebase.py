@@ -22,7 +22,7 @@ from kseries import trailers
 from kseries.changelog import Changelog, Message
 from kseries.errors import ToolkitError
 from kseries.gitrepo import CleanCheck, WorkTree
-from kseries.series import Series
+from kseries.series import Series, ident
 
 STATE_DIR = "kseries"
 ATTEMPTS = "refs/kseries/attempts"
@@ -315,7 +315,7 @@ class Rebase:
             "log",
             "--reverse",
             # git's own trailer parser, in the same call: no process per commit
-            "--format=%H%x00%an <%ae>%x00%s%x00%(trailers:only,unfold)%x01",
+            "--format=%H%x00%an%x00%ae%x00%s%x00%(trailers:only,unfold)%x01",
             f"{state.base}..{state.branch}",
         )
         entries = [e.strip("\n").split("\0") for e in log.split("\x01") if e.strip()]
@@ -325,10 +325,10 @@ class Rebase:
                 f"expected {state.patches}",
                 "a patch was skipped or added by hand: invoke rebase --abort and start over",
             )
-        for (sha, author, _, block), patch in zip(entries, self.series.patches, strict=True):
+        for (sha, name, address, _, block), patch in zip(entries, self.series.patches, strict=True):
             trailers.check(
                 [trailers.Trailer.parse(line) for line in block.splitlines() if line.strip()],
-                author=author,
+                author=ident(name, address),  # quoted as a trailer quotes it
                 submitter=self.series.submitter.ident,
                 where=f"{state.branch} {sha[:12]} ({patch.label})",
             )
@@ -350,7 +350,7 @@ class Rebase:
             branch=state.branch,
             base=state.base,
             base_describe=self.tree.git("describe", "--tags", "--always", state.base).strip(),
-            commits=[(sha, subject) for sha, _, subject, _ in entries],
+            commits=[(sha, subject) for sha, _, _, subject, _ in entries],
             seconds=round(time.monotonic() - started, 2),
             backup_ref=state.backup_ref,
             range_diff=range_diff,

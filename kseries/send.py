@@ -19,7 +19,8 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from email.utils import formataddr, getaddresses
+from email.headerregistry import Address
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,14 @@ from kseries import trailers
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.series import Series
+from kseries.series import Series, parse_addresses
 
 PLACEHOLDERS = ("*** SUBJECT HERE ***", "*** BLURB HERE ***")
 CHECKPATCH_TOTAL = re.compile(
     r"total: (?P<errors>\d+) errors, (?P<warnings>\d+) warnings, (?:(?P<checks>\d+) checks, )?"
 )
+# Headers we write: 78 columns, non-ASCII as RFC 2047 encoded words (no SMTPUTF8 needed).
+POLICY = email.policy.default
 SENT_RE = re.compile(r"^(?:Dry-)?OK\. Log says:$.*?^Subject: (?P<subject>.*?)$", re.M | re.S)
 
 
@@ -100,32 +103,48 @@ class SendSettings:
     def __init__(self, config: Config, series: Series) -> None:
         table = config.table("send")
         self.series = series
-        self.to = [self._address(v, "to") for v in table.get("to", [])]
-        self.cc = [self._address(v, "cc") for v in table.get("cc", [])]
-        self.exclude = {a.lower() for _, a in getaddresses(table.get("exclude", []))}
+        self.to = [str(self._address(v, "to")) for v in table.get("to", [])]
+        self.cc = [str(self._address(v, "cc")) for v in table.get("cc", [])]
+        self.exclude = {
+            self._address(v, "exclude").addr_spec.lower() for v in table.get("exclude", [])
+        }
         self.get_maintainer = bool(table.get("get_maintainer", True))
         self.checkpatch_ignore: dict[str, str] = dict(table.get("checkpatch_ignore", {}))
         self.smtp: dict[str, Any] = dict(table.get("smtp", {}))
 
-    def _address(self, value: str, key: str) -> str:
+    def _address(self, value: str, key: str) -> Address:
+        """A person key, or exactly one address: `Bonzini, Paolo <...>` unquoted is two."""
         if value in self.series.people:
-            return self.series.people[value].ident
-        if "@" not in value:
+            person = self.series.people[value]
+            return Address(display_name=person.name, addr_spec=person.email)
+        found = parse_addresses(value) if "@" in value else None
+        if found is None or len(found) != 1:
             raise ToolkitError(
-                f"[send] {key}: {value!r} is neither a person key nor an address",
-                f"use one of {', '.join(sorted(self.series.people))} or user@example.org",
+                f"[send] {key}: {value!r} is neither a person key nor one address",
+                f"use one of {', '.join(sorted(self.series.people))} or user@example.org; "
+                'a name with a comma goes in double quotes: "Last, First" <user@example.org>',
             )
-        return value
+        return found[0]
 
 
-def _dedupe(entries: list[str], drop: set[str]) -> list[str]:
-    """Keep the first of each address (case-insensitive), in order, without those in drop."""
+def _dedupe(entries: list[str], drop: set[str], where: str) -> list[str]:
+    """Keep the first of each address (case-insensitive), in order, without those in drop.
+
+    Each comes out as one well-formed "Name <email>", the name quoted if it needs it, so a
+    comma in a name never splits one person into two recipients."""
     seen = set(drop)
     out = []
-    for name, address in getaddresses(entries):
-        if address and address.lower() not in seen:
-            seen.add(address.lower())
-            out.append(formataddr((name, address)) if name else address)
+    for entry in entries:
+        found = parse_addresses(entry)
+        if found is None:
+            raise ToolkitError(
+                f"{where}: recipient {entry!r} is not a well-formed address",
+                "fix it where it comes from: the trailer, [send] or MAINTAINERS",
+            )
+        for address in found:
+            if address.addr_spec.lower() not in seen:
+                seen.add(address.addr_spec.lower())
+                out.append(str(address))
     return out
 
 
@@ -175,7 +194,7 @@ class Postman:
         mails = []
         for name in files:
             path = Path(name) if Path(name).is_absolute() else self.tree.path / name
-            headers = email.message_from_string(path.read_text(), policy=email.policy.default)
+            headers = _read_mail(path)
             subject = " ".join(str(headers["Subject"]).split())
             mails.append(Mail(path, subject, str(headers["Message-ID"]).strip("<>")))
         outbox = Outbox(branch, base, out, mails)
@@ -187,8 +206,8 @@ class Postman:
     def _address(self, outbox: Outbox) -> None:
         """Per-patch To/Cc (trailer people, get_maintainer.pl, config); the cover gets all."""
         me = self.series.submitter.email.lower()
-        to = _dedupe(self.settings.to, self.settings.exclude)
-        drop = {a.lower() for _, a in getaddresses(to)} | self.settings.exclude | {me}
+        to = _dedupe(self.settings.to, self.settings.exclude, "[send] to")
+        drop = {a.lower() for a in _addr_specs(to)} | self.settings.exclude | {me}
         patches = outbox.mails[1:]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             found = list(pool.map(self._maintainers, patches))
@@ -198,10 +217,10 @@ class Postman:
                 t.value for t in self._trailers(mail.path)[1] if t.key in trailers.IDENTITY_KEYS
             ]
             mail.to = to
-            mail.cc = _dedupe([*people, *maintainers, *self.settings.cc], drop)
+            mail.cc = _dedupe([*people, *maintainers, *self.settings.cc], drop, mail.path.name)
             every += mail.cc
         outbox.mails[0].to = to
-        outbox.mails[0].cc = _dedupe(every, drop)
+        outbox.mails[0].cc = _dedupe(every, drop, outbox.mails[0].path.name)
         for mail in outbox.mails:
             _write_recipients(mail)
 
@@ -240,8 +259,9 @@ class Postman:
 
     @staticmethod
     def _trailers(path: Path) -> tuple[str, list[trailers.Trailer]]:
-        """(From author, trailers) of a patch mail, as git mailinfo and interpret-trailers see."""
-        mail = email.message_from_string(path.read_text(), policy=email.policy.default)
+        """(From author, trailers) of a patch mail, as git mailinfo and interpret-trailers see:
+        the From: decoded from RFC 2047, the body from its charset."""
+        mail = _read_mail(path)
         body = mail.get_content().split("\n---\n", 1)[0]
         return str(mail["From"]), trailers.parse(body)
 
@@ -453,6 +473,17 @@ class PartialSend(ToolkitError):
         self.delivery = delivery
 
 
+def _read_mail(path: Path) -> EmailMessage:
+    """A mail file as bytes, so the 8-bit UTF-8 body decodes by its charset, not as ASCII."""
+    mail = email.message_from_bytes(path.read_bytes(), policy=POLICY)
+    assert isinstance(mail, EmailMessage)
+    return mail
+
+
+def _addr_specs(entries: list[str]) -> list[str]:
+    return [a.addr_spec for entry in entries for a in parse_addresses(entry) or ()]
+
+
 def _touched(path: Path) -> list[str]:
     """The paths a patch mail reads or writes, from its `diff --git a/X b/Y` lines."""
     return [
@@ -464,18 +495,25 @@ def _touched(path: Path) -> list[str]:
 
 
 def _write_recipients(mail: Mail) -> None:
-    """Put To:/Cc: headers into the file, right after Subject:, replacing any there."""
+    """Put To:/Cc: headers into the file, right after Subject:, replacing any there.
+
+    The email package writes them: names quoted where RFC 5322 needs it, non-ASCII ones as
+    RFC 2047 encoded words, long lists folded; the rest of the file is left byte for byte."""
     head, sep, rest = mail.path.read_text().partition("\n\n")
-    lines = [line for line in head.split("\n") if not line.startswith(("To:", "Cc:"))]
-    at = next(i for i, line in enumerate(lines) if line.startswith("Subject:")) + 1
-    while at < len(lines) and lines[at][:1] in (" ", "\t"):
-        at += 1
+    fields: list[str] = []  # one header each, with its continuation lines
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] += "\n" + line
+        else:
+            fields.append(line)
+    fields = [f for f in fields if not f.lower().startswith(("to:", "cc:"))]
+    at = next(i for i, f in enumerate(fields) if f.lower().startswith("subject:")) + 1
     extra = [
-        f"{key}: {', '.join(values)}"
+        POLICY.header_factory(key, ", ".join(values)).fold(policy=POLICY).rstrip("\n")
         for key, values in (("To", mail.to), ("Cc", mail.cc))
         if values
     ]
-    mail.path.write_text("\n".join(lines[:at] + extra + lines[at:]) + sep + rest)
+    mail.path.write_text("\n".join(fields[:at] + extra + fields[at:]) + sep + rest)
 
 
 def report(outbox: Outbox) -> Group:

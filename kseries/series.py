@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from email.errors import ObsoleteHeaderDefect
+from email.headerregistry import Address, HeaderRegistry
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,10 @@ from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 
-IDENT_RE = re.compile(r"^(?P<name>[^<>@\s][^<>@]*?) <(?P<email>[^<>\s@]+@[^<>\s@]+\.[^<>\s@]+)>$")
+# A plain dot-atom address (no quoted local part), and a name with no <, > or @ in it.
+EMAIL_RE = re.compile(r"^[\w!#$%&'*+/=?^`{|}~.-]+@[\w-]+(?:\.[\w-]+)+$", re.ASCII)
+NAME_RE = re.compile(r"^[^<>@\s](?:[^<>@\x00-\x1f\x7f]*[^<>@\s])?$")
+_HEADERS = HeaderRegistry()
 PERSON_FIELDS = ("suggested_by", "reported_by", "acked_by", "reviewed_by", "tested_by")
 
 
@@ -29,8 +34,38 @@ class Person:
 
     @property
     def ident(self) -> str:
-        """The "Name <email>" form trailers and From: lines use."""
-        return f"{self.name} <{self.email}>"
+        """The "Name <email>" form trailers and From: lines use (see `ident`)."""
+        return ident(self.name, self.email)
+
+
+def ident(name: str, email: str) -> str:
+    """The "Name <email>" of trailers and From: lines, the name quoted only where RFC 5322
+    needs it (a comma, a dot, a quote) so git and mail readers see one address; non-ASCII
+    stays plain UTF-8, as kernel trailers write it (mail headers encode it as they are written)."""
+    return str(Address(display_name=name, addr_spec=email))
+
+
+def parse_addresses(value: str) -> list[Address] | None:
+    """The addresses in `value`, read as a To: header reads them; None if any is malformed.
+
+    Obsolete syntax passes: people write `H. Peter Anvin <hpa@zytor.com>` unquoted, and it
+    still means one person. An unquoted comma does not: `Bonzini, Paolo <...>` is two.
+    """
+    header = _HEADERS("To", value)
+    if any(not isinstance(d, ObsoleteHeaderDefect) for d in header.defects):
+        return None
+    found = list(header.addresses)
+    if not found or not all(EMAIL_RE.match(a.addr_spec) for a in found):
+        return None
+    return found
+
+
+def parse_ident(value: str) -> Address | None:
+    """The one named address `value` holds ("Name <email>"), or None if it holds anything else."""
+    found = parse_addresses(value)
+    if found is None or len(found) != 1 or not found[0].display_name:
+        return None
+    return found[0]
 
 
 @dataclass(frozen=True)
@@ -124,10 +159,10 @@ class _Reader:
             person = Person(
                 key, self.string(entry, "name", where), self.string(entry, "email", where)
             )
-            if not IDENT_RE.match(person.ident):
+            if not (NAME_RE.match(person.name) and EMAIL_RE.match(person.email)):
                 raise self.fail(
                     where,
-                    f"'{person.ident}' is not a well-formed identity",
+                    f"'{person.name} <{person.email}>' is not a well-formed identity",
                     "use a real name (no <, > or @) and an address like user@example.org",
                 )
             address = person.email.lower()

@@ -1,5 +1,7 @@
 """send-series: the real series as mails from the 7.2 tree, a real SMTP round trip on 127.0.0.1,
-and the failures that must stop a send. The SMTP server is aiosmtpd, started by the test."""
+and the failures that must stop a send. The SMTP server is aiosmtpd, started by the test.
+
+The tests marked slow need the 7.2 tree; the others work on a scratch project's small tree."""
 
 from __future__ import annotations
 
@@ -19,10 +21,9 @@ from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import Rebase
-from kseries.send import PartialSend, Postman, SendSettings
+from kseries.send import Check, PartialSend, Postman, SendSettings
 from kseries.tree import scratch_clone
-
-pytestmark = pytest.mark.slow
+from tests.conftest import Project
 
 
 class Inbox:
@@ -32,12 +33,14 @@ class Inbox:
         self.reject = reject
         self.seen = 0
         self.mails: list[email.message.EmailMessage] = []
+        self.recipients: list[list[str]] = []  # each accepted mail's RCPT TO addresses
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self.seen += 1
         if self.seen == self.reject:
             return "554 5.6.0 refused by the test"
         self.mails.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        self.recipients.append(list(envelope.rcpt_tos))
         return "250 OK"
 
 
@@ -83,6 +86,7 @@ def smtp_local(port: int) -> str:
     return f'[send.smtp]\nserver = "127.0.0.1"\nport = "{port}"\n'
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_real_series(kernel: WorkTree, tmp_path: Path) -> None:
     man = postman(kernel, Config.load())
     outbox = man.format(tmp_path / "out")
@@ -105,6 +109,7 @@ def test_dry_run_of_the_real_series(kernel: WorkTree, tmp_path: Path) -> None:
     assert len(delivery.sent) == total + 1
 
 
+@pytest.mark.slow
 def test_real_send_round_trip(kernel: WorkTree, tmp_path: Path, smtp) -> None:
     inbox, port = smtp
     man = postman(kernel, scratch_configs(tmp_path, smtp_local(port)))
@@ -142,6 +147,7 @@ def test_real_send_round_trip(kernel: WorkTree, tmp_path: Path, smtp) -> None:
         kernel.git("branch", "-q", "-D", "round-trip")
 
 
+@pytest.mark.slow
 def test_smtp_refusing_the_third_mail_reports_what_went_out(
     kernel: WorkTree, tmp_path: Path, smtp
 ) -> None:
@@ -160,6 +166,7 @@ def test_smtp_refusing_the_third_mail_reports_what_went_out(
     assert len(inbox.mails) == 2
 
 
+@pytest.mark.slow
 def test_checkpatch_error_blocks_the_send(kernel: WorkTree, tmp_path: Path, smtp) -> None:
     inbox, port = smtp
     config = scratch_configs(tmp_path, smtp_local(port))
@@ -195,6 +202,7 @@ def test_missing_sender_identity_is_refused(tmp_path: Path) -> None:
         series_stage.load(Config.load(tmp_path / "configs"))
 
 
+@pytest.mark.slow
 def test_real_send_without_smtp_server_is_refused(kernel: WorkTree, tmp_path: Path) -> None:
     man = postman(kernel, scratch_configs(tmp_path))
     outbox = man.format(tmp_path / "out")
@@ -202,3 +210,84 @@ def test_real_send_without_smtp_server_is_refused(kernel: WorkTree, tmp_path: Pa
     assert [c.name for c in outbox.failed] == ["sender identity"]
     with pytest.raises(ToolkitError, match="not sending"):
         man.send(outbox, dry_run=False)
+
+
+# --- the scratch project: a two-patch series on a small tree, sent to aiosmtpd -----------------
+
+
+def scratch_postman(
+    project: Project, send: str = "", names: dict[str, str] | None = None
+) -> Postman:
+    """The scratch series with people renamed and a [send] table (no get_maintainer.pl in
+    this tree), rebased onto its base as `invoke rebase` would."""
+    path = project.configs / "series.toml"
+    text = path.read_text()
+    for old, new in (names or {}).items():
+        assert f'name = "{old}"' in text
+        text = text.replace(f'name = "{old}"', f'name = "{new}"')
+    path.write_text(text)
+    (project.configs / "toolkit.toml").write_text(f"[send]\nget_maintainer = false\n{send}")
+    config = Config.load(project.configs)
+    series = series_stage.load(config)
+    Rebase(project.worktree(), series, log=lambda _: None).start(remote="kvm-x86", branch="next")
+    return Postman(project.worktree(), series, SendSettings(config, series))
+
+
+def test_a_comma_in_a_name_is_one_recipient_on_the_wire(project: Project, tmp_path: Path, smtp):
+    inbox, port = smtp
+    man = scratch_postman(
+        project,
+        f'to = ["maint", "kvm@vger.kernel.org"]\n{smtp_local(port)}',
+        {"Max Maintainer": "Bonzini, Paolo"},
+    )
+    outbox = man.format(tmp_path / "out")
+    assert outbox.mails[1].to == ['"Bonzini, Paolo" <max@example.org>', "kvm@vger.kernel.org"]
+    patch = outbox.mails[1].path.read_text()
+    assert 'Suggested-by: "Bonzini, Paolo" <max@example.org>\n' in patch
+    assert 'To: "Bonzini, Paolo" <max@example.org>, kvm@vger.kernel.org\n' in patch
+    man.send(outbox, dry_run=False)
+    assert inbox.recipients == [
+        ["max@example.org", "kvm@vger.kernel.org", "ann@example.org"],  # the cover: every Cc
+        ["max@example.org", "kvm@vger.kernel.org", "ann@example.org"],
+        ["max@example.org", "kvm@vger.kernel.org"],
+    ]
+    to = inbox.mails[1]["To"].addresses
+    assert [(a.display_name, a.addr_spec) for a in to] == [
+        ("Bonzini, Paolo", "max@example.org"),
+        ("", "kvm@vger.kernel.org"),
+    ]
+
+
+def test_an_unquoted_comma_address_in_send_config_is_refused(project: Project) -> None:
+    with pytest.raises(ToolkitError, match=r"\[send\] cc: 'Bonzini, Paolo <p@redhat.com>' is ne"):
+        scratch_postman(project, 'cc = ["Bonzini, Paolo <p@redhat.com>"]\n')
+
+
+def test_a_non_ascii_author_passes_the_sign_off_check_and_is_sent(
+    project: Project, tmp_path: Path, smtp
+) -> None:
+    inbox, port = smtp
+    man = scratch_postman(
+        project, f'to = ["kvm@vger.kernel.org"]\n{smtp_local(port)}', {"Ann Author": "Jörg Rödel"}
+    )
+    outbox = man.format(tmp_path / "out")
+    patch = outbox.mails[1].path
+    # format-patch encodes the From: header; the trailer and the Cc: we write must match it
+    assert "From: =?UTF-8?q?J=C3=B6rg=20R=C3=B6del?= <ann@example.org>\n" in patch.read_text()
+    assert "Signed-off-by: Jörg Rödel <ann@example.org>\n" in patch.read_text()
+    cc = (
+        "Cc: Max Maintainer <max@example.org>,\n =?utf-8?q?J=C3=B6rg_R=C3=B6del?= <ann@example.org>"
+    )
+    assert cc + "\n" in patch.read_text()  # folded at 78 columns
+    assert man._trailer_rules(outbox.mails[1:]) == Check("trailer rules", True)
+    man.send(outbox, dry_run=False)
+    # the submitter sends, so send-email moves the author's From: into the body, as git am reads it
+    assert [str(m["From"]) for m in inbox.mails] == ["Sam Submitter <sam@example.org>"] * 3
+    assert inbox.mails[1].get_content().splitlines()[:2] == [
+        "From: Jörg Rödel <ann@example.org>",
+        "",
+    ]
+    assert (
+        str(inbox.mails[1]["Cc"])
+        == "Max Maintainer <max@example.org>, Jörg Rödel <ann@example.org>"
+    )

@@ -122,3 +122,32 @@ def test_local_toml_overrides_tracked_settings(project: Project) -> None:
     (project.configs / "local.toml").write_text("[series]\nversion = 3\n")
     assert project.series().branch == "demo-v3"
     assert project.series().subject_prefix == "PATCH v3"
+
+
+def test_comma_and_non_ascii_names_are_one_person_each_in_git(project: Project) -> None:
+    edit(project, 'name = "Ann Author"', 'name = "Bonzini, Paolo"')
+    edit(project, 'name = "Max Maintainer"', 'name = "Jörg Rödel"')
+    Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    tree = project.worktree()
+    assert tree.git("log", "-1", "--format=%an <%ae>", "demo-v2~1") == (
+        "Bonzini, Paolo <ann@example.org>\n"
+    )
+    # kernel convention: a comma name in RFC 5322 quotes, a non-ASCII one plain UTF-8
+    assert tree.git("log", "-1", "--format=%(trailers)", "demo-v2~1").strip() == (
+        "Suggested-by: Jörg Rödel <max@example.org>\n"
+        "Link: https://lore.kernel.org/all/abc@example.org\n"
+        'Signed-off-by: "Bonzini, Paolo" <ann@example.org>\n'
+        "Co-developed-by: Sam Submitter <sam@example.org>\n"
+        "Signed-off-by: Sam Submitter <sam@example.org>"
+    )
+
+
+def test_an_unquoted_comma_trailer_is_refused_as_two_addresses(project: Project) -> None:
+    edit(
+        project,
+        'author = "sub"',
+        'author = "sub"\nextra_trailers = ["Acked-by: Bonzini, Paolo <pbonzini@redhat.com>"]',
+    )
+    refused_before_git(project, r"'Acked-by: Bonzini, Paolo <pbonzini@redhat.com>' breaks the rule")
