@@ -177,9 +177,11 @@ class Postman:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
+        reroll = [f"-v{self.series.version}"] if self.series.version > 1 else []
         files = self.tree.git(
             "format-patch",
-            f"-v{self.series.version}",
+            *reroll,
             "--cover-letter",
             "--cover-from-description=subject",
             f"--base={base}",

@@ -291,3 +291,17 @@ def test_a_non_ascii_author_passes_the_sign_off_check_and_is_sent(
         str(inbox.mails[1]["Cc"])
         == "Max Maintainer <max@example.org>, Jörg Rödel <ann@example.org>"
     )
+
+
+def test_version_one_is_unnumbered_and_passes_the_numbering_check(
+    project: Project, tmp_path: Path
+) -> None:
+    (project.configs / "local.toml").write_text("[series]\nversion = 1\n")
+    man = scratch_postman(project)
+    outbox = man.format(tmp_path / "out")
+    assert [m.subject for m in outbox.mails] == [
+        "[PATCH 0/2] demo: The cover",
+        "[PATCH 1/2] demo: Change line 10",
+        "[PATCH 2/2] demo: Change line 30",
+    ]
+    assert man._numbering(outbox) == Check("subjects numbered [PATCH n/2]", True, "")
