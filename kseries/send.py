@@ -64,6 +64,10 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    warn: bool = False  # passed, with something the sender should read first
+
+
+SUBJECT_LIMIT = 75  # submitting-patches.rst's "70-75 characters" for the summary phrase
 
 
 @dataclass
@@ -277,6 +281,7 @@ class Postman:
         outbox.checks = [
             self._sender(sending),
             self._numbering(outbox),
+            self._subject_lengths(outbox),
             self._placeholders(outbox),
             self._trailer_rules(patches),
             self._applies(outbox),
@@ -314,6 +319,18 @@ class Postman:
             if not m.subject.startswith(f"[{prefix} {n}/{total}] ")
         ]
         return Check(f"subjects numbered [{prefix} n/{total}]", not wrong, "; ".join(wrong))
+
+    @staticmethod
+    def _subject_lengths(outbox: Outbox) -> Check:
+        """A long summary only warns, as checkpatch's long lines do: a habit, not a fault."""
+        long = [
+            f"{m.path.name}: {len(summary)} characters"
+            for m in outbox.mails
+            if len(summary := m.subject.split("] ", 1)[-1]) > SUBJECT_LIMIT
+        ]
+        return Check(
+            f"subjects at most {SUBJECT_LIMIT} characters", True, "; ".join(long), warn=bool(long)
+        )
 
     @staticmethod
     def _placeholders(outbox: Outbox) -> Check:
@@ -534,6 +551,12 @@ def report(outbox: Outbox) -> Group:
         recipients.append(f"{' ' * len(str(n) + str(total))}  Cc: {', '.join(mail.cc)}\n")
     checks = Table(title="pre-send checks", title_justify="left", show_header=False)
     for check in outbox.checks:
-        mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
+        mark = (
+            "[red]FAIL[/red]"
+            if not check.ok
+            else "[yellow]warn[/yellow]"
+            if check.warn
+            else "[green]ok[/green]"
+        )
         checks.add_row(mark, check.name, escape(check.detail))
     return Group(mails, recipients, checks)

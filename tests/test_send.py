@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from rich.console import Console
 
 from kseries import series as series_stage
 from kseries.config import Config
@@ -21,7 +22,7 @@ from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import Rebase
-from kseries.send import Check, PartialSend, Postman, SendSettings
+from kseries.send import Check, PartialSend, Postman, SendSettings, report
 from kseries.tree import scratch_clone
 from tests.conftest import Project
 
@@ -305,3 +306,16 @@ def test_version_one_is_unnumbered_and_passes_the_numbering_check(
         "[PATCH 2/2] demo: Change line 30",
     ]
     assert man._numbering(outbox) == Check("subjects numbered [PATCH n/2]", True, "")
+
+
+def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, tmp_path: Path):
+    summary = "demo: " + "x" * 70  # 76 characters
+    (project.root / "templates" / "0002.j2").write_text(f"{summary}\n\nAnd line 30 too.\n")
+    man = scratch_postman(project)
+    outbox = man.format(tmp_path / "out")
+    outbox.checks = [man._subject_lengths(outbox)]
+    assert outbox.checks[0].ok and outbox.checks[0].warn and not outbox.failed
+    assert outbox.checks[0].detail == f"{outbox.mails[2].path.name}: 76 characters"
+    shown = Console(record=True, width=200)
+    shown.print(report(outbox))
+    assert "│ warn │ subjects at most 75 characters │ v2-0002-demo-" in shown.export_text()
