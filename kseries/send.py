@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from rich.text import Text
 
 from kseries import trailers
 from kseries.config import Config
+from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.series import Series, parse_addresses
@@ -39,6 +39,8 @@ PLACEHOLDERS = ("*** SUBJECT HERE ***", "*** BLURB HERE ***")
 CHECKPATCH_TOTAL = re.compile(
     r"total: (?P<errors>\d+) errors, (?P<warnings>\d+) warnings, (?:(?P<checks>\d+) checks, )?"
 )
+# In an --out directory: which series' run wrote it, and the files it wrote there.
+STAMP = ".kseries-send.json"
 # Headers we write: 78 columns, non-ASCII as RFC 2047 encoded words (no SMTPUTF8 needed).
 POLICY = email.policy.default
 SENT_RE = re.compile(r"^(?:Dry-)?OK\. Log says:$.*?^Subject: (?P<subject>.*?)$", re.M | re.S)
@@ -178,9 +180,7 @@ class Postman:
         if self.tree.rev(f"refs/heads/{branch}") is None:
             raise ToolkitError(f"{self.tree.path}: no branch {branch}", "run `invoke rebase` first")
         base = self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        out = _claim(out, self.series)
         # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
         reroll = [f"-v{self.series.version}"] if self.series.version > 1 else []
         files = self.tree.git(
@@ -196,7 +196,8 @@ class Postman:
             str(out),
             f"{base}..{branch}",
             env=self.series.committer_env,  # Message-IDs in the submitter's domain
-        ).split()
+        ).splitlines()
+        _stamp(out, self.series, [Path(name).name for name in files])
         mails = []
         for name in files:
             path = Path(name) if Path(name).is_absolute() else self.tree.path / name
@@ -490,6 +491,68 @@ class PartialSend(ToolkitError):
             f"git {' '.join(command)} {rest}",
         )
         self.delivery = delivery
+
+
+def _claim(out: Path, series: Series) -> Path:
+    """Make `out` ready for this series' mails, deleting only the files an earlier run of this
+    series wrote there (its stamp lists them); return it absolute.
+
+    Refused: a file; the project's own patches/, templates/ or configs/, or anything in them;
+    a non-empty directory that no run of this series wrote. The check comes first, so a
+    refusal leaves everything as it was.
+    """
+    out = out.expanduser().resolve()  # from where the user stands, not from the kernel tree
+    for kind, data in (
+        ("patches", series.patches_dir),
+        ("templates", series.templates_dir),
+        ("configs", series.source.parent),
+    ):
+        data = data.resolve()
+        if out == data or data in out.parents:
+            raise ToolkitError(
+                f"--out {out} is inside the series' {kind} directory {data}",
+                "write the mails anywhere else (the default is out/<branch>/ in the project)",
+            )
+    if out.exists() and not out.is_dir():
+        raise ToolkitError(f"--out {out} is a file", "name a directory (a new one is made)")
+    try:
+        written = _stamped(out, series) if out.is_dir() and any(out.iterdir()) else []
+        for path in (out / name for name in written):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        _stamp(out, series, [])  # claims the directory, and finds out now if it is writable
+    except OSError as e:
+        raise ToolkitError(
+            f"--out {out} cannot be written: {e.strerror or e}",
+            "name a directory you can write to",
+        ) from e
+    return out
+
+
+def _stamp(out: Path, series: Series, files: list[str]) -> None:
+    """Record in `out` which series wrote it and which files, for the next run to clear."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / STAMP, json.dumps({"series": series.name, "files": files}, indent=2) + "\n")
+
+
+def _stamped(out: Path, series: Series) -> list[str]:
+    """The files an earlier run of this series wrote in `out`; refuse a directory it did not."""
+    path = out / STAMP
+    keep = "name an empty or new directory; nothing in this one was touched"
+    if not path.is_file():
+        raise ToolkitError(f"--out {out} is not empty and holds no send-series output", keep)
+    try:
+        stamp = json.loads(path.read_text())
+        owner, files = stamp["series"], stamp["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ToolkitError(f"{path}: damaged, so it is unknown what may go ({e})", keep) from e
+    if owner != series.name:
+        raise ToolkitError(f"--out {out} holds the mails of another series, {owner!r}", keep)
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and f not in ("", ".", "..", STAMP) and Path(f).name == f for f in files
+    ):
+        raise ToolkitError(f"{path}: damaged, its files are not plain file names", keep)
+    return files
 
 
 def _read_mail(path: Path) -> EmailMessage:

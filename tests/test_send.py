@@ -18,6 +18,7 @@ from rich.console import Console
 
 from kseries import series as series_stage
 from kseries.config import Config
+from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
@@ -319,3 +320,94 @@ def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, 
     shown = Console(record=True, width=200)
     shown.print(report(outbox))
     assert "│ warn │ subjects at most 75 characters │ v2-0002-demo-" in shown.export_text()
+
+
+# --- `invoke send-series --out`: only its own files are ever deleted ---------------------------
+
+
+def send_series(project: Project, *args: str) -> Ran:
+    """`invoke send-series` as a user runs it, from the project's root, on the scratch tree."""
+    return run(
+        [PROJECT / ".venv/bin/invoke", "-r", PROJECT, "send-series", "--tree", project.tree, *args],
+        cwd=project.root,
+        check=False,
+    )
+
+
+def contents(*roots: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(ran: Ran, error: str, hint: str = "") -> None:
+    """One error line and its hint, exit status 1, no traceback."""
+    assert ran.status == 1, ran.stdout + ran.stderr
+    assert ran.stderr.splitlines()[0] == f"error: {error}", ran.stderr
+    assert ran.stderr.splitlines()[1].startswith(f"hint: {hint}"), ran.stderr
+    assert len(ran.stderr.splitlines()) == 2, ran.stderr
+
+
+@pytest.mark.parametrize("out", ["patches", "templates/mails", "configs"])
+def test_out_inside_the_series_data_is_refused_and_nothing_changes(project: Project, out: str):
+    scratch_postman(project)
+    data = [project.root / name for name in ("patches", "templates", "configs")]
+    before = contents(*data)
+    kind = out.split("/")[0]
+    refused(
+        send_series(project, "--out", out),
+        f"--out {project.root / out} is inside the series' {kind} directory {project.root / kind}",
+        "write the mails anywhere else",
+    )
+    assert contents(*data) == before
+
+
+def test_out_that_is_someone_elses_directory_is_refused(project: Project, tmp_path: Path):
+    scratch_postman(project)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work\n")
+    refused(
+        send_series(project, "--out", str(mine)),
+        f"--out {mine} is not empty and holds no send-series output",
+        "name an empty or new directory; nothing in this one was touched",
+    )
+    assert contents(mine) == {mine / "thesis.tex": b"years of work\n"}
+
+
+def test_out_of_another_series_is_refused(project: Project, tmp_path: Path):
+    man = scratch_postman(project)
+    out = man.format(tmp_path / "out").directory
+    stamp = out / ".kseries-send.json"
+    stamp.write_text(stamp.read_text().replace('"demo"', '"other"'))
+    before = contents(out)
+    refused(
+        send_series(project, "--out", str(out)),
+        f"--out {out} holds the mails of another series, 'other'",
+    )
+    assert contents(out) == before
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_error_line(project: Project, tmp_path: Path):
+    scratch_postman(project)
+    (tmp_path / "notes").write_text("mine\n")
+    refused(
+        send_series(project, "--out", str(tmp_path / "notes")), f"--out {tmp_path}/notes is a file"
+    )
+    assert (tmp_path / "notes").read_text() == "mine\n"
+    # sysfs refuses mkdir even to root, so this is unwritable whoever runs the tests
+    refused(
+        send_series(project, "--out", "/sys/kseries-out"),
+        "--out /sys/kseries-out cannot be written: Operation not permitted",
+    )
+
+
+def test_rerun_into_an_earlier_output_deletes_only_what_it_wrote(project: Project, tmp_path: Path):
+    out = tmp_path / "out"
+    v2 = scratch_postman(project).format(out)
+    (out / "review-notes.txt").write_text("keep me\n")
+    (project.configs / "local.toml").write_text("[series]\nversion = 3\n")
+    v3 = scratch_postman(project).format(out)
+    assert not {m.path for m in v2.mails} & {m.path for m in v3.mails}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".kseries-send.json", "review-notes.txt", *(m.path.name for m in v3.mails)]
+    )
+    assert (out / "review-notes.txt").read_text() == "keep me\n"
