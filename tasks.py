@@ -6,12 +6,14 @@ only the stages it uses, so a task does not pay for the start-up of the others.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from invoke import Collection, Context, task
 
 from kseries.config import Config
-from kseries.ui import console, edge, log
+from kseries.errors import ToolkitError
+from kseries.ui import confirm, console, edge, log
 
 TREE_HELP = "kernel tree to work in (default: tree.path from configs/, else the embedded 7.2 tree)"
 
@@ -238,6 +240,11 @@ def send_series(
     yes: bool = False,
 ) -> None:
     """Format the series as mails, address and check them, then git send-email (dry run)."""
+    if send and not yes and not sys.stdin.isatty():
+        raise ToolkitError(
+            "--send asks before sending, and there is no terminal to ask on",
+            "run it in a terminal, or add --yes to send without asking (after a dry run)",
+        )
     from kseries import send as send_stage
     from kseries import series as series_stage
     from kseries import tree as tree_stage
@@ -257,7 +264,7 @@ def send_series(
     else:
         postman.check(outbox, sending=True)
         console.print(send_stage.report(outbox))
-        if not yes and input(f"send {len(outbox.mails)} mails? [y/N] ").lower() != "y":
+        if not yes and not confirm(f"send {len(outbox.mails)} mails? [y/N] "):
             console.print("not sent")
             return
         delivery = postman.send(outbox, dry_run=False)

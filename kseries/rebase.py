@@ -18,13 +18,13 @@ from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 from pathlib import Path
 
-from kseries import trailers
+from kseries import records, trailers
 from kseries.changelog import Changelog, Message
+from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import CleanCheck, WorkTree
 from kseries.series import Series, ident
 
-STATE_DIR = "kseries"
 ATTEMPTS = "refs/kseries/attempts"
 CONFLICT_RE = re.compile(r"^error: patch failed: (?P<file>\S+):(?P<line>\d+)$", re.M)
 
@@ -46,7 +46,7 @@ class State:
 
     @classmethod
     def path(cls, tree: WorkTree) -> Path:
-        return tree.git_path(f"{STATE_DIR}/rebase.json")
+        return records.rebase_state(tree)
 
     @classmethod
     def load(cls, tree: WorkTree) -> State | None:
@@ -170,12 +170,12 @@ class Rebase:
             base=base,
             original_head=self.tree.head(),
             old_tip=old_tip,
-            old_base=self._recorded_base(target) if old_tip else None,
+            old_base=records.recorded_base(self.tree, target) if old_tip else None,
             backup_ref=None,
             started=time.time(),
             patches=len(messages),
         )
-        mbox_path = self.tree.git_path(f"{STATE_DIR}/series.mbox")
+        mbox_path = self.tree.git_path(f"{records.DIR}/series.mbox")
         mbox_path.parent.mkdir(parents=True, exist_ok=True)
         mbox_path.write_text(mbox(self.series, messages))
         state.save(self.tree)
@@ -302,13 +302,6 @@ class Rebase:
         self.tree.git("update-ref", ref, tip)
         return ref
 
-    def _record_path(self, branch: str) -> Path:
-        return self.tree.git_path(f"{STATE_DIR}/{branch}.json")
-
-    def _recorded_base(self, branch: str) -> str | None:
-        path = self._record_path(branch)
-        return json.loads(path.read_text())["base"] if path.exists() else None
-
     def _finish(self, state: State, cover: Message, started: float) -> Result:
         """Check what git made, describe the branch, compare with the last attempt."""
         log = self.tree.git(
@@ -355,7 +348,10 @@ class Rebase:
             backup_ref=state.backup_ref,
             range_diff=range_diff,
         )
-        self._record_path(state.branch).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_atomic(  # whole or not at all: send reads it
+            records.branch_record(self.tree, state.branch),
+            json.dumps(asdict(result), indent=2) + "\n",
+        )
         state.clear(self.tree)
         return result
 

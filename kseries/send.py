@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from kseries import trailers
+from kseries import records, trailers
 from kseries.config import Config
 from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
@@ -176,10 +176,18 @@ class Postman:
         self.settings = settings
 
     def format(self, out: Path) -> Outbox:
+        """Write the mails into `out`; refuse a branch a stopped rebase has not finished."""
         branch = self.series.branch
+        if records.rebase_state(self.tree).exists():
+            raise ToolkitError(
+                f"{self.tree.path}: a kseries rebase is stopped on a conflict, "
+                f"so {branch} is not finished",
+                "resolve it and run `invoke rebase --continue`, or undo the run with "
+                "`invoke rebase --abort`",
+            )
         if self.tree.rev(f"refs/heads/{branch}") is None:
             raise ToolkitError(f"{self.tree.path}: no branch {branch}", "run `invoke rebase` first")
-        base = self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
+        base = self._base(branch)
         out = _claim(out, self.series)
         # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
         reroll = [f"-v{self.series.version}"] if self.series.version > 1 else []
@@ -207,6 +215,16 @@ class Postman:
         outbox = Outbox(branch, base, out, mails)
         self._address(outbox)
         return outbox
+
+    def _base(self, branch: str) -> str:
+        """The commit the series sits on: the one its last rebase recorded, since the tracking
+        ref may have been force-pushed since (kvm-x86/next is), which moves its merge-base
+        with the branch further back; else, or if the branch was rebuilt by hand since, the
+        merge-base."""
+        recorded = records.recorded_base(self.tree, branch)
+        if recorded and self.tree.try_git("merge-base", "--is-ancestor", recorded, branch)[0] == 0:
+            return recorded
+        return self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
 
     # -- recipients ------------------------------------------------------------------------
 

@@ -36,3 +36,11 @@ def edge(task: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; only "y" is a yes, and so end of input (Ctrl-D) is a no."""
+    try:
+        return input(question).strip().lower() == "y"
+    except EOFError:
+        return False

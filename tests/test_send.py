@@ -22,10 +22,10 @@ from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
-from kseries.rebase import Rebase
+from kseries.rebase import ConflictError, Rebase
 from kseries.send import Check, PartialSend, Postman, SendSettings, report
 from kseries.tree import scratch_clone
-from tests.conftest import Project
+from tests.conftest import SOURCE, Project, git, replace_line
 
 
 class Inbox:
@@ -339,9 +339,9 @@ def contents(*roots: Path) -> dict[Path, bytes]:
 
 
 def refused(ran: Ran, error: str, hint: str = "") -> None:
-    """One error line and its hint, exit status 1, no traceback."""
+    """One error line (starting `error`) and its hint, exit status 1, no traceback."""
     assert ran.status == 1, ran.stdout + ran.stderr
-    assert ran.stderr.splitlines()[0] == f"error: {error}", ran.stderr
+    assert ran.stderr.splitlines()[0].startswith(f"error: {error}"), ran.stderr
     assert ran.stderr.splitlines()[1].startswith(f"hint: {hint}"), ran.stderr
     assert len(ran.stderr.splitlines()) == 2, ran.stderr
 
@@ -411,3 +411,63 @@ def test_rerun_into_an_earlier_output_deletes_only_what_it_wrote(project: Projec
         [".kseries-send.json", "review-notes.txt", *(m.path.name for m in v3.mails)]
     )
     assert (out / "review-notes.txt").read_text() == "keep me\n"
+
+
+# --- send-series refuses what it cannot send, before it writes anything -----------------------
+
+
+def test_send_while_a_rebase_is_stopped_names_the_next_command(project: Project, tmp_path: Path):
+    scratch_postman(project)
+    project.upstream_commit(replace_line(SOURCE, 30, "line 30 rewritten upstream"))
+    with pytest.raises(ConflictError):
+        Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+            remote="kvm-x86", branch="next"
+        )
+    before = project.snapshot()
+    refused(
+        send_series(project, "--out", str(tmp_path / "out")),
+        f"{project.tree}: a kseries rebase is stopped on a conflict, so demo-v2 is not finished",
+        "resolve it and run `invoke rebase --continue`, or undo the run with "
+        "`invoke rebase --abort`",
+    )
+    assert project.snapshot() == before and not (tmp_path / "out").exists()
+
+
+def test_send_without_a_terminal_or_yes_is_refused(project: Project, tmp_path: Path, smtp):
+    inbox, port = smtp
+    scratch_postman(project, f'to = ["kvm@vger.kernel.org"]\n{smtp_local(port)}')
+    refused(
+        send_series(project, "--send", "--out", str(tmp_path / "out")),  # stdin: /dev/null
+        "--send asks before sending, and there is no terminal to ask on",
+        "run it in a terminal, or add --yes",
+    )
+    assert inbox.mails == [] and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_branch_record_is_one_error(project: Project, tmp_path: Path):
+    scratch_postman(project)
+    record = project.worktree().git_path("kseries/demo-v2.json")
+    record.write_text(record.read_text()[:40])  # a write cut short
+    refused(
+        send_series(project, "--out", str(tmp_path / "out")),
+        f"{record}: damaged branch record (JSONDecodeError: ",
+        f"delete it (rm {record}) and run `invoke rebase` again",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_force_pushed_base_still_sends_only_the_series(project: Project, tmp_path: Path):
+    base = project.upstream_commit(SOURCE + "line 41\n")
+    man = scratch_postman(project)  # the series on `base`
+    upstream = project.root / "upstream-work"  # next is rewritten: `base` is dropped from it
+    git(upstream, "reset", "-q", "--hard", "HEAD~1")
+    (upstream / "file.c").write_text(SOURCE + "line 42\n")
+    git(upstream, "commit", "-qam", "rewritten")
+    git(upstream, "push", "-qf", "origin", "next")
+    git(project.tree, "fetch", "-q", "kvm-x86", "+next:refs/remotes/kvm-x86/next")
+    outbox = man.format(tmp_path / "out")
+    assert outbox.base == base
+    assert [m.subject for m in outbox.mails[1:]] == [
+        "[PATCH v2 1/2] demo: Change line 10",
+        "[PATCH v2 2/2] demo: Change line 30",
+    ]
