@@ -115,7 +115,28 @@ def test_template_syntax_error_names_file_and_line(project: Project) -> None:
 
 def test_template_without_body_is_refused(project: Project) -> None:
     (project.root / "templates" / "0001.j2").write_text("demo: subject only\n")
-    refused_before_git(project, "renders no subject or no body")
+    refused_before_git(project, "renders no body")
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    ["{{ series.facts.get('prefix', '') }}", "{% if false %}demo: subject{% endif %}", ""],
+)
+def test_template_whose_subject_renders_empty_is_refused(project: Project, first_line: str):
+    (project.root / "templates" / "0002.j2").write_text(
+        f"{first_line}\nAnd line 30 too.\n\nA second paragraph.\n"
+    )
+    refused_before_git(project, r"templates/0002.j2:1: the subject renders empty")
+
+
+def test_subject_made_by_a_block_on_line_one_renders_as_written(project: Project) -> None:
+    (project.root / "templates" / "0002.j2").write_text(
+        "{% if true %}demo: Change line 30{% endif %}\n\n"
+        "{% for n in [1, 2] %}\nline {{ n }}\n{% endfor %}\n"
+    )
+    series = project.series()
+    message = Changelog(series).message(series.patches[1])
+    assert (message.subject, message.body) == ("demo: Change line 30", "line 1\nline 2")
 
 
 def test_local_toml_overrides_tracked_settings(project: Project) -> None:
