@@ -72,7 +72,11 @@ def rebase(
 )
 @edge
 def export(c: Context, tree: str = "", ref: str = "") -> None:
-    """Write the series branch's diffs back into patches/ (after resolving a conflict)."""
+    """Write the series branch's diffs back into patches/ (after resolving a conflict).
+
+    A commit message edited on the branch is not exported (prose lives in templates/): it is
+    shown as a diff against the rendered message, naming the template to change."""
+    from kseries import changelog as changelog_stage
     from kseries import series as series_stage
     from kseries import tree as tree_stage
 
@@ -81,11 +85,21 @@ def export(c: Context, tree: str = "", ref: str = "") -> None:
     work = tree_stage.open_tree(config, tree, log=log)
     ref = ref or series.branch
     base = work.git("merge-base", ref, series.base.tracking_ref).strip()
-    changed = series_stage.export(work, series, ref, base)
-    for path in changed:
+    exported = series_stage.export(work, series, ref, base)
+    for path in exported.changed:
         console.print(f"updated {path.relative_to(series.patches_dir.parent)}")
-    if not changed:
+    if not exported.changed:
         console.print("patches/ already matches " + ref)
+    edits = changelog_stage.Changelog(series).edits(work, exported.commits)
+    for edit in edits:
+        console.print(edit.diff, markup=False, highlight=False, soft_wrap=True)
+    if edits:
+        raise ToolkitError(
+            f"{ref}: the commit message of {', '.join(e.patch.label for e in edits)} was edited "
+            f"and is not exported; change {', '.join(str(e.template) for e in edits)} instead",
+            "the diff above goes from the rendered message to the branch's; the next "
+            "`invoke rebase` renders the template again",
+        )
 
 
 @task(help={"out": "write one file per message into this directory instead of stdout"})

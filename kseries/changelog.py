@@ -6,9 +6,10 @@ templates; the trailers are appended by code (kseries.trailers), never written b
 
 from __future__ import annotations
 
+import difflib
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import jinja2
 
 from kseries import trailers
 from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
 from kseries.series import Patch, Series
 
 
@@ -33,6 +35,16 @@ class Message:
         if self.trailers:
             parts.append("\n".join(str(t) for t in self.trailers))
         return "\n\n".join(parts) + "\n"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A commit message on the branch that is not what its template renders. Prose lives in
+    templates/, so it cannot be exported: it is shown, for the user to move by hand."""
+
+    patch: Patch
+    template: Path
+    diff: str  # unified, from the rendered message to the branch's
 
 
 class Changelog:
@@ -63,6 +75,24 @@ class Changelog:
 
     def messages(self) -> list[Message]:
         return [self.message(patch) for patch in self.series.patches]
+
+    def edits(self, tree: WorkTree, commits: Sequence[str]) -> list[Edit]:
+        """Each of the series' commits (in order) whose message differs from the rendered one."""
+        shown = tree.git("show", "-s", "--format=%B%x00", *commits).split("\0")[: len(commits)]
+        edits = []
+        for sha, branch, patch in zip(commits, shown, self.series.patches, strict=True):
+            rendered, actual = str(self.message(patch)).strip(), branch.strip()
+            if rendered != actual:
+                template = self.series.templates_dir / patch.template
+                diff = difflib.unified_diff(
+                    rendered.splitlines(),
+                    actual.splitlines(),
+                    f"{template} (rendered)",
+                    f"{sha[:12]} ({patch.label})",
+                    lineterm="",
+                )
+                edits.append(Edit(patch, template, "\n".join(diff)))
+        return edits
 
     def cover_letter(self) -> Message:
         subjects = [self.message(p).subject for p in self.series.patches]

@@ -290,11 +290,20 @@ def _check_one(path: Path) -> None:
         )
 
 
-def export(tree: WorkTree, series: Series, ref: str, base: str) -> list[Path]:
+@dataclass(frozen=True)
+class Exported:
+    """What `export` did: the diff files it rewrote, and the commits it read, in series order."""
+
+    changed: list[Path]
+    commits: list[str]
+
+
+def export(tree: WorkTree, series: Series, ref: str, base: str) -> Exported:
     """Write the diffs of base..ref back into patches/, so hand-resolved work becomes the data.
 
-    Returns the diff files whose content changed. Commit messages are not exported: they
-    come from templates/, and a message edited in git is reported, not silently kept.
+    Commit messages are not exported: they come from templates/, so the caller compares the
+    returned commits' messages with the rendered ones and reports an edit
+    (`Changelog.edits`), rather than keeping it silently or dropping it silently.
     """
     commits = tree.git("rev-list", "--reverse", f"{base}..{ref}").split()
     if len(commits) != len(series.patches):
@@ -311,7 +320,7 @@ def export(tree: WorkTree, series: Series, ref: str, base: str) -> list[Path]:
         if not patch.diff.exists() or patch.diff.read_text() != diff:
             patch.diff.write_text(diff)
             changed.append(patch.diff)
-    return changed
+    return Exported(changed, commits)
 
 
 # Diffs stay in one shape whatever the user's git config says about prefixes.

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from kseries.config import Config
+from kseries.core.run import Ran, run
 from kseries.gitrepo import WorkTree
+from kseries.paths import PROJECT
 from kseries.series import Series, load
 
 ENV = {
@@ -113,6 +115,19 @@ class Project:
             run("status", "--porcelain"),
             run("config", "--get-regexp", r"^branch\."),
         )
+
+
+def invoke(project: Project, *args: str) -> Ran:
+    """An invoke task as a user runs it, from the scratch project's root (stdin closed)."""
+    return run([PROJECT / ".venv/bin/invoke", "-r", PROJECT, *args], cwd=project.root, check=False)
+
+
+def cli_refused(ran: Ran, error: str, hint: str = "") -> None:
+    """One error line (starting `error`) and its hint, exit status 1, no traceback."""
+    assert ran.status == 1, ran.stdout + ran.stderr
+    assert ran.stderr.splitlines()[0].startswith(f"error: {error}"), ran.stderr
+    assert ran.stderr.splitlines()[1].startswith(f"hint: {hint}"), ran.stderr
+    assert len(ran.stderr.splitlines()) == 2, ran.stderr
 
 
 def make_diff(base_text: str, new_text: str, workdir: Path) -> str:

@@ -18,14 +18,14 @@ from rich.console import Console
 
 from kseries import series as series_stage
 from kseries.config import Config
-from kseries.core.run import Ran, run
+from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import ConflictError, Rebase
 from kseries.send import Check, PartialSend, Postman, SendSettings, report
 from kseries.tree import scratch_clone
-from tests.conftest import SOURCE, Project, git, replace_line
+from tests.conftest import SOURCE, Project, cli_refused, git, invoke, replace_line
 
 
 class Inbox:
@@ -326,24 +326,11 @@ def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, 
 
 
 def send_series(project: Project, *args: str) -> Ran:
-    """`invoke send-series` as a user runs it, from the project's root, on the scratch tree."""
-    return run(
-        [PROJECT / ".venv/bin/invoke", "-r", PROJECT, "send-series", "--tree", project.tree, *args],
-        cwd=project.root,
-        check=False,
-    )
+    return invoke(project, "send-series", "--tree", str(project.tree), *args)
 
 
 def contents(*roots: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def refused(ran: Ran, error: str, hint: str = "") -> None:
-    """One error line (starting `error`) and its hint, exit status 1, no traceback."""
-    assert ran.status == 1, ran.stdout + ran.stderr
-    assert ran.stderr.splitlines()[0].startswith(f"error: {error}"), ran.stderr
-    assert ran.stderr.splitlines()[1].startswith(f"hint: {hint}"), ran.stderr
-    assert len(ran.stderr.splitlines()) == 2, ran.stderr
 
 
 @pytest.mark.parametrize("out", ["patches", "templates/mails", "configs"])
@@ -352,7 +339,7 @@ def test_out_inside_the_series_data_is_refused_and_nothing_changes(project: Proj
     data = [project.root / name for name in ("patches", "templates", "configs")]
     before = contents(*data)
     kind = out.split("/")[0]
-    refused(
+    cli_refused(
         send_series(project, "--out", out),
         f"--out {project.root / out} is inside the series' {kind} directory {project.root / kind}",
         "write the mails anywhere else",
@@ -365,7 +352,7 @@ def test_out_that_is_someone_elses_directory_is_refused(project: Project, tmp_pa
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work\n")
-    refused(
+    cli_refused(
         send_series(project, "--out", str(mine)),
         f"--out {mine} is not empty and holds no send-series output",
         "name an empty or new directory; nothing in this one was touched",
@@ -379,7 +366,7 @@ def test_out_of_another_series_is_refused(project: Project, tmp_path: Path):
     stamp = out / ".kseries-send.json"
     stamp.write_text(stamp.read_text().replace('"demo"', '"other"'))
     before = contents(out)
-    refused(
+    cli_refused(
         send_series(project, "--out", str(out)),
         f"--out {out} holds the mails of another series, 'other'",
     )
@@ -389,12 +376,12 @@ def test_out_of_another_series_is_refused(project: Project, tmp_path: Path):
 def test_out_that_is_a_file_or_unwritable_is_one_error_line(project: Project, tmp_path: Path):
     scratch_postman(project)
     (tmp_path / "notes").write_text("mine\n")
-    refused(
+    cli_refused(
         send_series(project, "--out", str(tmp_path / "notes")), f"--out {tmp_path}/notes is a file"
     )
     assert (tmp_path / "notes").read_text() == "mine\n"
     # sysfs refuses mkdir even to root, so this is unwritable whoever runs the tests
-    refused(
+    cli_refused(
         send_series(project, "--out", "/sys/kseries-out"),
         "--out /sys/kseries-out cannot be written: Operation not permitted",
     )
@@ -424,7 +411,7 @@ def test_send_while_a_rebase_is_stopped_names_the_next_command(project: Project,
             remote="kvm-x86", branch="next"
         )
     before = project.snapshot()
-    refused(
+    cli_refused(
         send_series(project, "--out", str(tmp_path / "out")),
         f"{project.tree}: a kseries rebase is stopped on a conflict, so demo-v2 is not finished",
         "resolve it and run `invoke rebase --continue`, or undo the run with "
@@ -436,7 +423,7 @@ def test_send_while_a_rebase_is_stopped_names_the_next_command(project: Project,
 def test_send_without_a_terminal_or_yes_is_refused(project: Project, tmp_path: Path, smtp):
     inbox, port = smtp
     scratch_postman(project, f'to = ["kvm@vger.kernel.org"]\n{smtp_local(port)}')
-    refused(
+    cli_refused(
         send_series(project, "--send", "--out", str(tmp_path / "out")),  # stdin: /dev/null
         "--send asks before sending, and there is no terminal to ask on",
         "run it in a terminal, or add --yes",
@@ -448,7 +435,7 @@ def test_a_damaged_branch_record_is_one_error(project: Project, tmp_path: Path):
     scratch_postman(project)
     record = project.worktree().git_path("kseries/demo-v2.json")
     record.write_text(record.read_text()[:40])  # a write cut short
-    refused(
+    cli_refused(
         send_series(project, "--out", str(tmp_path / "out")),
         f"{record}: damaged branch record (JSONDecodeError: ",
         f"delete it (rm {record}) and run `invoke rebase` again",

@@ -10,7 +10,7 @@ from kseries.errors import ToolkitError
 from kseries.rebase import Rebase
 from kseries.series import load
 from kseries.trailers import TrailerRuleError
-from tests.conftest import Project
+from tests.conftest import Project, cli_refused, git, invoke
 
 
 def edit(project: Project, old: str, new: str) -> None:
@@ -172,3 +172,48 @@ def test_an_unquoted_comma_trailer_is_refused_as_two_addresses(project: Project)
         'author = "sub"\nextra_trailers = ["Acked-by: Bonzini, Paolo <pbonzini@redhat.com>"]',
     )
     refused_before_git(project, r"'Acked-by: Bonzini, Paolo <pbonzini@redhat.com>' breaks the rule")
+
+
+def export(project: Project):
+    return invoke(project, "export", "--tree", str(project.tree))
+
+
+def test_export_of_an_untouched_branch_reports_no_edit(project: Project) -> None:
+    Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    done = export(project)
+    assert done.status == 0, done.stderr
+    assert done.stdout == "patches/ already matches demo-v2\n"
+
+
+def test_export_reports_a_message_edited_on_the_branch(project: Project) -> None:
+    Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    message = git(project.tree, "log", "-1", "--format=%B")
+    edited = message.replace("And line 30 too.", "And line 30 too, as review asked.")
+    (project.root / "message").write_text(edited)
+    git(project.tree, "commit", "-q", "--amend", "-F", str(project.root / "message"))
+    templates = {p: p.read_bytes() for p in (project.root / "templates").iterdir()}
+    done = export(project)
+    template = project.root / "templates" / "0002.j2"
+    cli_refused(
+        done,
+        "demo-v2: the commit message of patch 2 (0002.diff) was edited and is not exported; "
+        f"change {template} instead",
+        "the diff above goes from the rendered message to the branch's",
+    )
+    assert done.stdout.splitlines() == [
+        "patches/ already matches demo-v2",  # the diffs are exported all the same
+        f"--- {template} (rendered)",
+        f"+++ {git(project.tree, 'rev-parse', '--short=12', 'HEAD').strip()} (patch 2 (0002.diff))",
+        "@@ -1,5 +1,5 @@",
+        " demo: Change line 30",
+        " ",
+        "-And line 30 too.",
+        "+And line 30 too, as review asked.",
+        " ",
+        " Signed-off-by: Sam Submitter <sam@example.org>",
+    ]
+    assert {p: p.read_bytes() for p in (project.root / "templates").iterdir()} == templates
