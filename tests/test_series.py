@@ -145,9 +145,10 @@ def test_local_toml_overrides_tracked_settings(project: Project) -> None:
     assert project.series().subject_prefix == "PATCH v3"
 
 
-def test_comma_and_non_ascii_names_are_one_person_each_in_git(project: Project) -> None:
+def test_comma_quote_and_non_ascii_names_are_one_person_each_in_git(project: Project) -> None:
     edit(project, 'name = "Ann Author"', 'name = "Bonzini, Paolo"')
     edit(project, 'name = "Max Maintainer"', 'name = "Jörg Rödel"')
+    edit(project, 'name = "Sam Submitter"', 'name = "Sam \\"the Sub\\" Submitter"')
     Rebase(project.worktree(), project.series(), log=lambda _: None).start(
         remote="kvm-x86", branch="next"
     )
@@ -160,8 +161,8 @@ def test_comma_and_non_ascii_names_are_one_person_each_in_git(project: Project) 
         "Suggested-by: Jörg Rödel <max@example.org>\n"
         "Link: https://lore.kernel.org/all/abc@example.org\n"
         'Signed-off-by: "Bonzini, Paolo" <ann@example.org>\n'
-        "Co-developed-by: Sam Submitter <sam@example.org>\n"
-        "Signed-off-by: Sam Submitter <sam@example.org>"
+        'Co-developed-by: "Sam \\"the Sub\\" Submitter" <sam@example.org>\n'
+        'Signed-off-by: "Sam \\"the Sub\\" Submitter" <sam@example.org>'
     )
 
 
