@@ -14,6 +14,10 @@ from kseries.config import Config
 from kseries.ui import console, edge, log
 
 TREE_HELP = "kernel tree to work in (default: tree.path from configs/, else the embedded 7.2 tree)"
+KEEP_WARM_HELP = (
+    "leave the local QEMU boxes this run starts running afterwards (default: [testbox] keep_warm, "
+    "false: they are stopped)"
+)
 
 
 @task(
@@ -125,6 +129,7 @@ def prepare(c: Context, tree: str = "") -> None:
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
         "no_check": "skip `invoke check` (the per-commit builds of every gate)",
+        "keep_warm": KEEP_WARM_HELP,
     }
 )
 @edge
@@ -135,6 +140,7 @@ def pipeline(
     compare: str = "",
     no_compare: bool = False,
     no_check: bool = False,
+    keep_warm: bool = False,
 ) -> None:
     """The main job: rebase, check, build, boot and test (base vs series), then the mails."""
     from kseries import series as series_stage
@@ -145,7 +151,10 @@ def pipeline(
         check(c, tree=tree)
     build(c, tree=tree)
     test_remote(
-        c, boxes=boxes, compare="" if no_compare else compare or f"{base.remote}/{base.branch}"
+        c,
+        boxes=boxes,
+        compare="" if no_compare else compare or f"{base.remote}/{base.branch}",
+        keep_warm=keep_warm,
     )
     send_series(c, tree=tree)
 
@@ -291,6 +300,7 @@ def _names(values: list[str] | None) -> list[str]:
         "trust_new_host": "record an unknown host key in the box's known_hosts (a changed key "
         "is still refused)",
         "out": "output directory (default: out/test-remote/TIMESTAMP)",
+        "keep_warm": KEEP_WARM_HELP,
     },
 )
 @edge
@@ -306,6 +316,7 @@ def test_remote(
     trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
+    keep_warm: bool = False,
 ) -> None:
     """Boot the built kernel on test boxes, prove it is that build, run the tests, judge."""
     from kseries.testbox import report as report_stage
@@ -322,6 +333,7 @@ def test_remote(
         trace=trace,
         trust_new_host=trust_new_host,
         out=out,
+        keep_warm=keep_warm or None,
         log=log,
     )
     console.print(report_stage.table(runs))

@@ -52,6 +52,7 @@ from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
+from kseries.ui import heartbeat
 
 Log = Callable[[str], None]
 
@@ -777,15 +778,25 @@ class Build:
         else:
             columns += [TextColumn("{task.completed} steps")]
         columns += [TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}")]
-        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind.
+        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind: a plain
+        # line every half minute says how far make is instead.
         quiet = not self.console.is_terminal
-        with Progress(*columns, console=self.console, transient=True, disable=quiet) as progress:
-            task = progress.add_task(
-                f"make {' '.join(self.target.goals)}", total=self.expected or None, last=""
-            )
+        what = f"make {' '.join(self.target.goals)}"
+        done = [0]
+
+        def so_far() -> str:
+            of = f" of about {self.expected}" if self.expected else ""
+            return f"{done[0]}{of} steps"
+
+        with (
+            Progress(*columns, console=self.console, transient=True, disable=quiet) as progress,
+            heartbeat(what, so_far, self.console),
+        ):
+            task = progress.add_task(what, total=self.expected or None, last="")
 
             def show(line: str, step: bool, count: int) -> None:
                 if step:
+                    done[0] = count
                     total = max(self.expected, count + 1) if self.expected else None
                     progress.update(task, completed=count, total=total, last=line.strip()[:60])
 

@@ -130,6 +130,7 @@ def build_test_kernels() -> Kernels:
 TESTBOXES = """
 [testbox]
 default = "e2e"
+keep_warm = true  # the tests below go on with the boxes an earlier one started
 
 [box.e2e]
 method = "kexec"
@@ -352,6 +353,30 @@ def test_two_boxes_run_in_parallel(lab: Lab, kernels: Kernels) -> None:
     assert second.before is None  # started fresh, so there is no earlier boot_id
     assert "-cpu qemu64,+svm" in (lab.state.parent / "state-second" / "qemu.log").read_text()
     assert local.down(lab.settings.box("e2e-second"), log=lambda _: None)
+
+
+def test_boxes_the_run_started_are_stopped_at_its_end(lab: Lab, kernels: Kernels) -> None:
+    """Without keep_warm the run stops the box it started (e2e-second) and names the one that
+    was running before it (e2e), with the command that stops it."""
+    second = lab.settings.box("e2e-second")
+    assert not local.status(second, log=lambda _: None).running
+    lines: list[str] = []
+    runs, _ = session.test_remote(
+        lab.config,
+        boxes=["e2e", "e2e-second"],
+        kernel_spec=str(kernels.b),
+        tests=["smoke"],
+        out=str(lab.out / "stopped"),
+        keep_warm=False,
+        log=lines.append,
+    )
+    assert [r.verdict for r in runs] == ["pass", "pass"]
+    assert not local.status(second, log=lambda _: None).running
+    assert local.status(lab.settings.box("e2e"), log=lambda _: None).running
+    assert (
+        "box e2e is still running (it was running before this run): "
+        "stop it with `invoke testbox.down --box e2e`"
+    ) in lines
 
 
 def test_down_stops_the_box_by_its_pid(lab: Lab) -> None:

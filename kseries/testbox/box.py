@@ -37,7 +37,7 @@ BOX_KEYS = {
     "vars",
 }
 QEMU_KEYS = {"cpu", "memory", "smp", "accel", "extra_args", "state_dir", "binary", "tsc_khz"}
-SETTINGS_KEYS = {"default", "dmesg_ignore", "trace"}
+SETTINGS_KEYS = {"default", "dmesg_ignore", "trace", "keep_warm"}
 TIMEOUT_KEYS = {"connect", "boot", "test", "kexec_exec"}
 
 

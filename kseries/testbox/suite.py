@@ -37,6 +37,7 @@ from kseries.core.run import STDOUT, run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox.box import FILE, TestboxConfig
+from kseries.ui import heartbeat
 
 Log = Callable[[str], None]
 TEST_KEYS = {
@@ -300,7 +301,7 @@ class Builder:
         return Built(spec, output.read_bytes(), output)
 
     def _run(self, cmd: list[str], log_file: Path, what: str) -> None:
-        with log_file.open("a") as f:
+        with log_file.open("a") as f, heartbeat(f"building {what}", lambda: ""):
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
             done = run(cmd, stdout=f, stderr=STDOUT, check=False)
