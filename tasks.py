@@ -11,7 +11,8 @@ from pathlib import Path
 from invoke import Collection, Context, task
 
 from kseries.config import Config
-from kseries.ui import console, edge, log
+from kseries.core.files import output_dir
+from kseries.ui import console, edge, log, number
 
 TREE_HELP = "kernel tree to work in (default: tree.path from configs/, else the embedded 7.2 tree)"
 KEEP_WARM_HELP = (
@@ -101,12 +102,11 @@ def changelog(c: Context, out: str = "") -> None:
     writer = changelog_stage.Changelog(series)
     messages = {"0000-cover-letter": writer.cover_letter()}
     messages |= {Path(p.template).stem: writer.message(p) for p in series.patches}
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
+    directory = output_dir(Path(out)) if out else None
     for name, message in messages.items():
-        if out:
-            (Path(out) / f"{name}.txt").write_text(str(message))
-            console.print(f"wrote {Path(out) / name}.txt")
+        if directory:
+            (directory / f"{name}.txt").write_text(str(message))
+            console.print(f"wrote {directory / name}.txt")
         else:
             console.rule(name)
             console.print(str(message), markup=False, highlight=False, soft_wrap=True)
@@ -182,7 +182,7 @@ def build(
     out: str = "",
     config: list[str] | None = None,
     base_config: str = "",
-    jobs: int = 0,
+    jobs: str = "0",
     target: str = "",
     distcc: str = "",
     verbose: bool = False,
@@ -196,7 +196,7 @@ def build(
         out=out,
         fragments=config or (),
         base_config=base_config,
-        jobs=jobs,
+        jobs=number("jobs", jobs, int, 0),
         target=target,
         distcc=distcc,
         verbose=verbose,
@@ -311,8 +311,8 @@ def test_remote(
     kernel: str = "",
     tests: list[str] | None = None,
     compare: str = "",
-    cycles: int = 0,
-    duration: float = 0.0,
+    cycles: str = "0",
+    duration: str = "0",
     trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
@@ -328,8 +328,8 @@ def test_remote(
         kernel_spec=kernel,
         tests=_names(tests),
         compare=compare,
-        cycles=cycles,
-        duration=duration,
+        cycles=number("cycles", cycles, int, 0),
+        duration=number("duration", duration, float, 0.0),
         trace=trace,
         trust_new_host=trust_new_host,
         out=out,
@@ -399,12 +399,13 @@ def testbox_status(c: Context, box: str = "") -> None:
 
 @task(help={"box": BOX_HELP, "lines": "how many lines to show (default 50)"})
 @edge
-def testbox_console(c: Context, box: str = "", lines: int = 50) -> None:
+def testbox_console(c: Context, box: str = "", lines: str = "50") -> None:
     """Show the end of the local test box's serial console log."""
     from kseries.testbox import local as local_box
     from kseries.testbox.box import TestboxConfig
 
-    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=lines)
+    count = number("lines", lines, int, 1)
+    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=count)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

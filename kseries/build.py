@@ -48,7 +48,7 @@ from rich.progress import (
 from kseries import tree as tree_stage
 from kseries.config import Config
 from kseries.core import run as door
-from kseries.core.files import exclusive
+from kseries.core.files import exclusive, output_dir
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
@@ -1097,9 +1097,10 @@ def build(
     hosts = distcc or settings.get("distcc_hosts", "")
     use_ccache = bool(not hosts and settings.get("ccache", True) and shutil.which("ccache"))
     check_tools([*TOOLS, *chosen.needs, *(["distcc"] if hosts else [])])
+    chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
     work = tree_stage.open_tree(config, tree, log=log)
     check_kernel_tree(work.path)
-    build_dir = Path(out).expanduser().resolve() if out else default_build_dir(work.path)
+    build_dir = chosen_dir or default_build_dir(work.path)
     if build_dir == work.path or work.path in build_dir.parents:
         raise ToolkitError(
             f"build directory {build_dir} is inside the tree {work.path}",

@@ -64,17 +64,53 @@ def heartbeat(
         thread.join()
 
 
+N = TypeVar("N", int, float)
+
+
+def number(option: str, value: str | N, kind: type[N], minimum: N) -> N:
+    """A numeric option's value. The tasks take numbers as strings and parse them here:
+    invoke's own conversion ends `--duration abc` in a ValueError traceback."""
+    try:
+        parsed = kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ToolkitError(
+            f"--{option} {value}: not {what}", f"e.g. --{option} {minimum or 10}"
+        ) from None
+    if parsed < minimum:
+        raise ToolkitError(
+            f"--{option} {value}: must be at least {minimum}", f"e.g. --{option} {minimum}"
+        )
+    return parsed
+
+
 def edge(task: F) -> F:
-    """Wrap an invoke task: a ToolkitError is printed as one line plus a hint, exit status 1."""
+    """Wrap an invoke task: a ToolkitError is printed as one line plus a hint, exit status 1.
+
+    So is an OSError (a read-only tree or output directory, a full disk, a path that is a
+    file): the user can fix those, so they get the path and the reason, not a traceback."""
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
         except ToolkitError as e:
-            errors.print(f"error: {e.message}", markup=False, soft_wrap=True)
-            if e.hint:
-                errors.print(f"hint: {e.hint}", markup=False, soft_wrap=True)
-            sys.exit(1)
+            fail(e.message, e.hint)
+        except OSError as e:
+            if e.filename is None:
+                raise
+            path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+            fail(
+                f"{path}: {e.strerror or e}",
+                "check that the path is right and writable (permissions, a read-only mount, "
+                "free space)",
+            )
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, hint: str) -> None:
+    errors.print(f"error: {message}", markup=False, soft_wrap=True)
+    if hint:
+        errors.print(f"hint: {hint}", markup=False, soft_wrap=True)
+    sys.exit(1)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from kseries.config import Config
 from kseries.core.files import exclusive, write_atomic
+from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
@@ -311,7 +312,7 @@ def _commit(tree: Path, spec: str) -> str:
 
 def output_dir(out: str) -> Path:
     if out:
-        return Path(out).expanduser().resolve()
+        return checked_output_dir(Path(out)).resolve()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return PROJECT / "out" / "test-remote" / stamp
 
@@ -336,6 +337,7 @@ def test_remote(
     Local QEMU boxes this run starts are stopped at its end, however it ends, unless
     `keep_warm` (default: [testbox] keep_warm); any local box left running is named, with the
     command that stops it."""
+    directory = output_dir(out)  # refused now, not after the builds, if it cannot be written
     settings = TestboxConfig.load(config)
     chosen = [settings.box(name) for name in (boxes or [""])]
     if keep_warm is None:
@@ -366,7 +368,6 @@ def test_remote(
         for b in built:
             if b.error:
                 log(f"tests: {b.spec.name} not built: {b.error}")
-        directory = output_dir(out)
         directory.mkdir(parents=True, exist_ok=True)
         defaults = settings.settings()
         ignore = defaults.get("dmesg_ignore", [])
