@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 import time
@@ -14,8 +15,15 @@ from rich.console import Console
 
 from kseries.errors import ToolkitError
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+
+def _width(stream: Any) -> int | None:
+    """Off a terminal (a CI log, `| tee`) rich would fold every table and long line at 80
+    columns; logs are read in wide windows. $COLUMNS still wins."""
+    return None if stream.isatty() or "COLUMNS" in os.environ else 160
+
+
+console = Console(highlight=False, width=_width(sys.stdout))
+errors = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 
 F = TypeVar("F", bound=Callable[..., Any])
 
