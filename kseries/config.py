@@ -30,6 +30,11 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ToolkitError(f"{path}: {e}", "fix the TOML syntax at that line") from e
+    except UnicodeDecodeError as e:
+        raise ToolkitError(
+            f"{path}: not UTF-8: byte {e.object[e.start]:#04x} at offset {e.start}",
+            "save the file as UTF-8",
+        ) from None
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
