@@ -155,6 +155,20 @@ UNKNOWN_KEYS = [
      read_series, "[base]", "brnach"),
     ("series.toml", 'name = "Ann Author"', 'name = "Ann Author"\nmail = "a@b.org"',
      read_series, "[people.author]", "mail"),
+    ("toolkit.toml", 'to = ["maint"]', 'to = ["maint"]\nccc = ["a@b.org"]',
+     read_send, "[send]", "ccc"),
+    ("toolkit.toml", 'port = 587', 'port = 587\npassword = "x"',
+     read_send, "[send.smtp]", "password"),
+    ("toolkit.toml", 'path = ""', 'paht = "~/src/linux"', read_tree, "[tree]", "paht"),
+    ("toolkit.toml", 'package = "linux-source-7.2"', 'pakage = "linux-source-7.2"',
+     read_tree, "[default_tree]", "pakage"),
+    ("toolkit.toml", "jobs = 2", "jobs = 2\njob = 4", read_build, "[build]", "job"),
+    ("toolkit.toml", 'goals = ["bzImage"]', 'goals = ["bzImage"]\ngaols = []',
+     read_build, "[build.targets.bzImage]", "gaols"),
+    ("toolkit.toml", 'target = "kvm-W1"', 'target = "kvm-W1"\ntargte = "x"',
+     read_gates, "[[check.gate]] #1", "targte"),
+    ("toolkit.toml", "[[check.gate]]", "[check]\ngates = 1\n[[check.gate]]",
+     read_gates, "[check]", "gates"),
 ]  # fmt: skip
 
 
@@ -181,18 +195,32 @@ def test_an_unknown_top_level_table(configs: Path) -> None:
 
 # (file, old text, new text, the reader, table, key, what was expected, what was found)
 WRONG_TYPES = [
+    ("toolkit.toml", "get_maintainer = true", 'get_maintainer = "no"', read_send,
+     "[send]", "get_maintainer", "true or false", "the string 'no'"),
+    ("toolkit.toml", "ccache = true", "ccache = 0", read_build,
+     "[build]", "ccache", "true or false", "the integer 0"),
     ("series.toml", 'co_developers = ["sub"]', 'co_developers = "sub"', read_series,
      "[[patch]] #1", "co_developers", "a list of strings", "the string 'sub'"),
     ("series.toml", 'links = ["https://lore.kernel.org/all/abc@example.org"]',
      'links = "https://lore.kernel.org/all/abc@example.org"', read_series, "[[patch]] #1",
      "links", "a list of strings",
      "the string 'https://lore.kernel.org/all/abc@example.org'"),
+    ("toolkit.toml", 'to = ["maint"]', 'to = "maint"', read_send,
+     "[send]", "to", "a list of strings", "the string 'maint'"),
+    ("toolkit.toml", 'fragments = ["kvm-testbox"]', "fragments = [1]", read_build,
+     "[build]", "fragments", "a list of strings", "an array"),
+    ("toolkit.toml", "jobs = 2", "jobs = true", read_build,
+     "[build]", "jobs", "an integer", "the boolean true"),
     ("series.toml", 'date = "Fri, 9 Aug 2024 20:51:58 +0000"', 'date = "last Friday"',
      read_series, "[[patch]] #1", "date", "an RFC 2822 date", "the string 'last Friday'"),
     ("series.toml", 'date = "Fri, 9 Aug 2024 20:51:58 +0000"', "date = 2024-08-09",
      read_series, "[[patch]] #1", "date", "an RFC 2822 date", "a date"),
     ("series.toml", "version = 2", "version = true", read_series,
      "[series]", "version", "a positive integer", "the boolean true"),
+    ("toolkit.toml", 'FILE_PATH_CHANGES = "new files"', "FILE_PATH_CHANGES = true", read_send,
+     "[send.checkpatch_ignore]", "FILE_PATH_CHANGES", "a string", "the boolean true"),
+    ("toolkit.toml", "port = 587", "port = 5.87", read_send,
+     "[send.smtp]", "port", "a port number or name", "the float 5.87"),
     ("series.toml", 'name = "Ann Author"', "name = 7", read_series,
      "[people.author]", "name", "a string", "the integer 7"),
 ]  # fmt: skip
@@ -226,6 +254,7 @@ FROM_LOCAL = [
      'reviewd_by = ["maint"]\n', read_series, " [[patch]] #1: unknown setting reviewd_by"),
     ("[series]\nversion = 0\n", read_series,
      " [series]: version must be a positive integer, not the integer 0"),
+    ('[send]\nccc = ["a@b.org"]\n', read_send, " [send]: unknown setting ccc"),
     ("[sned]\n", lambda config: config, ": unknown table [sned]"),  # Config.load refuses it
 ]  # fmt: skip
 
