@@ -328,13 +328,3 @@ class Config:
         if value is None:
             return None
         return (self.directory / Path(str(value)).expanduser()).resolve()
-
-
-def check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    """Refuse a table with a setting nobody reads: a typo must not be silently ignored."""
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ToolkitError(
-            f"{where}: unknown setting {', '.join(unknown)}",
-            f"known settings: {', '.join(sorted(allowed))}",
-        )

@@ -169,6 +169,19 @@ UNKNOWN_KEYS = [
      read_gates, "[[check.gate]] #1", "targte"),
     ("toolkit.toml", "[[check.gate]]", "[check]\ngates = 1\n[[check.gate]]",
      read_gates, "[check]", "gates"),
+    ("testboxes.toml", 'default = "q"', 'default = "q"\ndefualt = "q"',
+     read_boxes, "[testbox]", "defualt"),
+    ("testboxes.toml", 'method = "qemu"', 'method = "qemu"\nhots = "h"',
+     read_boxes, "[box.q]", "hots"),
+    ("testboxes.toml", "smp = 1", "smp = 1, mem = \"1G\"", read_boxes, "[box.q.qemu]", "mem"),
+    ("testboxes.toml", "boot = 120", "boot = 120, shutdown = 5",
+     read_boxes, "[box.q.timeouts]", "shutdown"),
+    ("testboxes.toml", 'output = "{out}/x"', 'output = "{out}/x"\nheader = true',
+     read_boxes, "[recipe.r]", "header"),
+    ("testboxes.toml", "timeout = 30", "timeout = 30\ntimout = 3",
+     read_boxes, "[[test]] #1", "timout"),
+    ("testboxes.toml", "per_cycle = 0.1", "per_cycle = 0.1, cycles = 3",
+     read_boxes, "[[test]] #1 soak", "cycles"),
 ]  # fmt: skip
 
 
@@ -193,6 +206,16 @@ def test_an_unknown_top_level_table(configs: Path) -> None:
     assert caught.value.hint == "tables in toolkit.toml: tree, default_tree, build, check, send"
 
 
+def test_a_test_box_table_outside_testboxes_toml_is_refused(configs: Path) -> None:
+    (configs / "series.toml").write_text((configs / "series.toml").read_text() + "[box.x]\n")
+    with pytest.raises(ToolkitError, match=r"series.toml: unknown table \[box\]"):
+        Config.load(configs)
+    edit(configs / "series.toml", "[box.x]\n", "")
+    edit(configs / "testboxes.toml", "[testbox]", "[send]\n[testbox]")
+    with pytest.raises(ToolkitError, match=r"testboxes.toml: unknown table \[send\]"):
+        TestboxConfig.load(Config.load(configs))
+
+
 # (file, old text, new text, the reader, table, key, what was expected, what was found)
 WRONG_TYPES = [
     ("toolkit.toml", "get_maintainer = true", 'get_maintainer = "no"', read_send,
@@ -209,8 +232,16 @@ WRONG_TYPES = [
      "[send]", "to", "a list of strings", "the string 'maint'"),
     ("toolkit.toml", 'fragments = ["kvm-testbox"]', "fragments = [1]", read_build,
      "[build]", "fragments", "a list of strings", "an array"),
+    ("testboxes.toml", "port = 22", 'port = "twentytwo"', read_boxes,
+     "[box.lab]", "port", "an integer", "the string 'twentytwo'"),
+    ("testboxes.toml", "boot = 120", 'boot = "2m"', read_boxes,
+     "[box.q.timeouts]", "boot", "a number", "the string '2m'"),
+    ("testboxes.toml", "smp = 1", "smp = 1.5", read_boxes,
+     "[box.q.qemu]", "smp", "an integer", "the float 1.5"),
     ("toolkit.toml", "jobs = 2", "jobs = true", read_build,
      "[build]", "jobs", "an integer", "the boolean true"),
+    ("testboxes.toml", "port = 22", "port = false", read_boxes,
+     "[box.lab]", "port", "an integer", "the boolean false"),
     ("series.toml", 'date = "Fri, 9 Aug 2024 20:51:58 +0000"', 'date = "last Friday"',
      read_series, "[[patch]] #1", "date", "an RFC 2822 date", "the string 'last Friday'"),
     ("series.toml", 'date = "Fri, 9 Aug 2024 20:51:58 +0000"', "date = 2024-08-09",
@@ -221,6 +252,12 @@ WRONG_TYPES = [
      "[send.checkpatch_ignore]", "FILE_PATH_CHANGES", "a string", "the boolean true"),
     ("toolkit.toml", "port = 587", "port = 5.87", read_send,
      "[send.smtp]", "port", "a port number or name", "the float 5.87"),
+    ("testboxes.toml", 'dmesg_ignore = []', 'dmesg_ignore = "taint"', read_boxes,
+     "[testbox]", "dmesg_ignore", "a list of strings", "the string 'taint'"),
+    ("testboxes.toml", 'qemu = { cpu = "max", smp = 1 }', 'qemu = "max"', read_boxes,
+     "[box.q]", "qemu", "a table", "the string 'max'"),
+    ("testboxes.toml", "timeout = 30", 'timeout = "30s"', read_boxes,
+     "[[test]] #1", "timeout", "a number", "the string '30s'"),
     ("series.toml", 'name = "Ann Author"', "name = 7", read_series,
      "[people.author]", "name", "a string", "the integer 7"),
 ]  # fmt: skip
@@ -255,6 +292,8 @@ FROM_LOCAL = [
     ("[series]\nversion = 0\n", read_series,
      " [series]: version must be a positive integer, not the integer 0"),
     ('[send]\nccc = ["a@b.org"]\n', read_send, " [send]: unknown setting ccc"),
+    ('[box.lab]\nport = "twentytwo"\n', read_boxes,  # the rest of [box.lab] is tracked
+     " [box.lab]: port must be an integer, not the string 'twentytwo'"),
     ("[sned]\n", lambda config: config, ": unknown table [sned]"),  # Config.load refuses it
 ]  # fmt: skip
 
@@ -265,6 +304,14 @@ def test_a_key_from_local_toml_names_local_toml(
 ) -> None:
     (configs / "local.toml").write_text(text)
     assert refused(configs, read).message == f"{configs / 'local.toml'}{error}"
+
+
+def test_a_key_in_the_tracked_file_is_not_blamed_on_local_toml(configs: Path) -> None:
+    (configs / "local.toml").write_text("[box.lab]\nport = 2222\n")
+    edit(configs / "testboxes.toml", 'host = "lab"', 'host = "lab"\nhots = "lab"')
+    assert refused(configs, read_boxes).message == (
+        f"{configs / 'testboxes.toml'} [box.lab]: unknown setting hots"
+    )
 
 
 def test_a_file_that_is_not_utf8_names_the_byte_offset(project: Project) -> None:
