@@ -46,7 +46,7 @@ from rich.progress import (
 )
 
 from kseries import tree as tree_stage
-from kseries.config import Config
+from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Names
 from kseries.core import run as door
 from kseries.core.files import exclusive, output_dir
 from kseries.errors import ToolkitError
@@ -73,6 +73,22 @@ PACKAGES = {
 DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
     "bzImage": {"goals": ["bzImage"], "artifact": "arch/x86/boot/bzImage"},
 }
+# configs/toolkit.toml [build]: the defaults of `invoke build`, and what each --target makes.
+BUILD = Keys(
+    {
+        "base_config": STRING,
+        "fragments": STRINGS,
+        "target": STRING,
+        "jobs": INTEGER,
+        "ccache": BOOLEAN,
+        "distcc_hosts": STRING,
+        "targets": Names(
+            Keys(
+                {"goals": STRINGS, "variables": STRING_TABLE, "needs": STRINGS, "artifact": STRING}
+            )
+        ),
+    }
+)
 # A raw make goal the user may name with --target: one object or a directory of the tree.
 RAW_GOAL = re.compile(r"^[\w./+-]+(?:\.(?:o|i|s|lst|ko)|/)$")
 # kbuild's quiet-mode step lines: "  CC      kernel/fork.o", "  LD [M]  fs/foo.ko".
@@ -1084,7 +1100,7 @@ def build(
     Raises ToolkitError for anything the user can fix.
     """
     started = time.monotonic()
-    settings = config.table("build")
+    settings = config.table("build", BUILD)
     build_config = BuildConfig.resolve(
         base_config or settings.get("base_config") or "tinyconfig",
         list(fragments) or list(settings.get("fragments", [])),

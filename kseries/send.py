@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kseries import trailers
-from kseries.config import Config
+from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Kind
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.series import Series
@@ -94,16 +94,40 @@ class Delivery:
         )
 
 
+SEND = Keys(
+    {
+        "to": STRINGS,
+        "cc": STRINGS,
+        "exclude": STRINGS,
+        "get_maintainer": BOOLEAN,
+        "checkpatch_ignore": STRING_TABLE,  # message type -> why it is ignored
+        "smtp": Keys(
+            {
+                "server": STRING,
+                "port": Kind(
+                    "a port number or name",
+                    lambda v: INTEGER.accepts(v) or isinstance(v, str),
+                    "587",
+                ),
+                "encryption": STRING,
+                "user": STRING,
+            }
+        ),
+    }
+)
+
+
 class SendSettings:
     """The [send] table: recipients, checkpatch exceptions, SMTP (never a password)."""
 
     def __init__(self, config: Config, series: Series) -> None:
-        table = config.table("send")
+        table = config.table("send", SEND)
         self.series = series
+        self.where = config.where.table("send")
         self.to = [self._address(v, "to") for v in table.get("to", [])]
         self.cc = [self._address(v, "cc") for v in table.get("cc", [])]
         self.exclude = {a.lower() for _, a in getaddresses(table.get("exclude", []))}
-        self.get_maintainer = bool(table.get("get_maintainer", True))
+        self.get_maintainer: bool = table.get("get_maintainer", True)
         self.checkpatch_ignore: dict[str, str] = dict(table.get("checkpatch_ignore", {}))
         self.smtp: dict[str, Any] = dict(table.get("smtp", {}))
 
@@ -111,8 +135,9 @@ class SendSettings:
         if value in self.series.people:
             return self.series.people[value].ident
         if "@" not in value:
-            raise ToolkitError(
-                f"[send] {key}: {value!r} is neither a person key nor an address",
+            raise self.where.error(
+                key,
+                f"{key}: {value!r} is neither a person key nor an address",
                 f"use one of {', '.join(sorted(self.series.people))} or user@example.org",
             )
         return value
