@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kseries.config import BOOLEAN, NUMBER, STRING, STRING_TABLE, STRINGS, Keys, Names, Rows
-from kseries.core.files import scratch_name
+from kseries.core.files import exclusive, scratch_name
 from kseries.core.run import STDOUT, run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
@@ -276,7 +276,11 @@ class Builder:
                 if not path.is_file():
                     raise ToolkitError(f"{path}: no such file", "build it or fix the path")
                 return Built(spec, path.read_bytes(), path)
-            return self._recipe(spec)
+            # Two runs may build the same tree's tests at once: make in one O= directory at a
+            # time, and the bytes are read before the lock is let go.
+            waiting = f"tests: waiting for another build of the test programs in {self.root}"
+            with exclusive(self.root / ".lock", waiting, self.log):
+                return self._recipe(spec)
         except ToolkitError as e:
             return Built(spec, error=str(e))
 
