@@ -12,10 +12,15 @@ from pathlib import Path
 from invoke import Collection, Context, task
 
 from kseries.config import Config
+from kseries.core.files import output_dir
 from kseries.errors import ToolkitError
-from kseries.ui import confirm, console, edge, log
+from kseries.ui import confirm, console, edge, log, number
 
 TREE_HELP = "kernel tree to work in (default: tree.path from configs/, else the embedded 7.2 tree)"
+KEEP_WARM_HELP = (
+    "leave the local QEMU boxes this run starts running afterwards (default: [testbox] keep_warm, "
+    "false: they are stopped)"
+)
 
 
 @task(
@@ -113,12 +118,11 @@ def changelog(c: Context, out: str = "") -> None:
     writer = changelog_stage.Changelog(series)
     messages = {"0000-cover-letter": writer.cover_letter()}
     messages |= {Path(p.template).stem: writer.message(p) for p in series.patches}
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
+    directory = output_dir(Path(out)) if out else None
     for name, message in messages.items():
-        if out:
-            (Path(out) / f"{name}.txt").write_text(str(message))
-            console.print(f"wrote {Path(out) / name}.txt")
+        if directory:
+            (directory / f"{name}.txt").write_text(str(message))
+            console.print(f"wrote {directory / name}.txt")
         else:
             console.rule(name)
             console.print(str(message), markup=False, highlight=False, soft_wrap=True)
@@ -141,6 +145,7 @@ def prepare(c: Context, tree: str = "") -> None:
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
         "no_check": "skip `invoke check` (the per-commit builds of every gate)",
+        "keep_warm": KEEP_WARM_HELP,
     }
 )
 @edge
@@ -151,6 +156,7 @@ def pipeline(
     compare: str = "",
     no_compare: bool = False,
     no_check: bool = False,
+    keep_warm: bool = False,
 ) -> None:
     """The main job: rebase, check, build, boot and test (base vs series), then the mails."""
     from kseries import series as series_stage
@@ -161,7 +167,10 @@ def pipeline(
         check(c, tree=tree)
     build(c, tree=tree)
     test_remote(
-        c, boxes=boxes, compare="" if no_compare else compare or f"{base.remote}/{base.branch}"
+        c,
+        boxes=boxes,
+        compare="" if no_compare else compare or f"{base.remote}/{base.branch}",
+        keep_warm=keep_warm,
     )
     send_series(c, tree=tree)
 
@@ -189,7 +198,7 @@ def build(
     out: str = "",
     config: list[str] | None = None,
     base_config: str = "",
-    jobs: int = 0,
+    jobs: str = "0",
     target: str = "",
     distcc: str = "",
     verbose: bool = False,
@@ -203,7 +212,7 @@ def build(
         out=out,
         fragments=config or (),
         base_config=base_config,
-        jobs=jobs,
+        jobs=number("jobs", jobs, int, 0),
         target=target,
         distcc=distcc,
         verbose=verbose,
@@ -312,6 +321,7 @@ def _names(values: list[str] | None) -> list[str]:
         "trust_new_host": "record an unknown host key in the box's known_hosts (a changed key "
         "is still refused)",
         "out": "output directory (default: out/test-remote/TIMESTAMP)",
+        "keep_warm": KEEP_WARM_HELP,
     },
 )
 @edge
@@ -322,11 +332,12 @@ def test_remote(
     kernel: str = "",
     tests: list[str] | None = None,
     compare: str = "",
-    cycles: int = 0,
-    duration: float = 0.0,
+    cycles: str = "0",
+    duration: str = "0",
     trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
+    keep_warm: bool = False,
 ) -> None:
     """Boot the built kernel on test boxes, prove it is that build, run the tests, judge."""
     from kseries.testbox import report as report_stage
@@ -338,11 +349,12 @@ def test_remote(
         kernel_spec=kernel,
         tests=_names(tests),
         compare=compare,
-        cycles=cycles,
-        duration=duration,
+        cycles=number("cycles", cycles, int, 0),
+        duration=number("duration", duration, float, 0.0),
         trace=trace,
         trust_new_host=trust_new_host,
         out=out,
+        keep_warm=keep_warm or None,
         log=log,
     )
     console.print(report_stage.table(runs))
@@ -408,12 +420,13 @@ def testbox_status(c: Context, box: str = "") -> None:
 
 @task(help={"box": BOX_HELP, "lines": "how many lines to show (default 50)"})
 @edge
-def testbox_console(c: Context, box: str = "", lines: int = 50) -> None:
+def testbox_console(c: Context, box: str = "", lines: str = "50") -> None:
     """Show the end of the local test box's serial console log."""
     from kseries.testbox import local as local_box
     from kseries.testbox.box import TestboxConfig
 
-    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=lines)
+    count = number("lines", lines, int, 1)
+    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=count)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -46,12 +46,13 @@ from rich.progress import (
 )
 
 from kseries import tree as tree_stage
-from kseries.config import Config
+from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Names
 from kseries.core import run as door
-from kseries.core.files import exclusive
+from kseries.core.files import exclusive, output_dir
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
+from kseries.ui import heartbeat
 
 Log = Callable[[str], None]
 
@@ -72,6 +73,22 @@ PACKAGES = {
 DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
     "bzImage": {"goals": ["bzImage"], "artifact": "arch/x86/boot/bzImage"},
 }
+# configs/toolkit.toml [build]: the defaults of `invoke build`, and what each --target makes.
+BUILD = Keys(
+    {
+        "base_config": STRING,
+        "fragments": STRINGS,
+        "target": STRING,
+        "jobs": INTEGER,
+        "ccache": BOOLEAN,
+        "distcc_hosts": STRING,
+        "targets": Names(
+            Keys(
+                {"goals": STRINGS, "variables": STRING_TABLE, "needs": STRINGS, "artifact": STRING}
+            )
+        ),
+    }
+)
 # A raw make goal the user may name with --target: one object or a directory of the tree.
 RAW_GOAL = re.compile(r"^[\w./+-]+(?:\.(?:o|i|s|lst|ko)|/)$")
 # kbuild's quiet-mode step lines: "  CC      kernel/fork.o", "  LD [M]  fs/foo.ko".
@@ -777,15 +794,25 @@ class Build:
         else:
             columns += [TextColumn("{task.completed} steps")]
         columns += [TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}")]
-        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind.
+        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind: a plain
+        # line every half minute says how far make is instead.
         quiet = not self.console.is_terminal
-        with Progress(*columns, console=self.console, transient=True, disable=quiet) as progress:
-            task = progress.add_task(
-                f"make {' '.join(self.target.goals)}", total=self.expected or None, last=""
-            )
+        what = f"make {' '.join(self.target.goals)}"
+        done = [0]
+
+        def so_far() -> str:
+            of = f" of about {self.expected}" if self.expected else ""
+            return f"{done[0]}{of} steps"
+
+        with (
+            Progress(*columns, console=self.console, transient=True, disable=quiet) as progress,
+            heartbeat(what, so_far, self.console),
+        ):
+            task = progress.add_task(what, total=self.expected or None, last="")
 
             def show(line: str, step: bool, count: int) -> None:
                 if step:
+                    done[0] = count
                     total = max(self.expected, count + 1) if self.expected else None
                     progress.update(task, completed=count, total=total, last=line.strip()[:60])
 
@@ -1073,7 +1100,7 @@ def build(
     Raises ToolkitError for anything the user can fix.
     """
     started = time.monotonic()
-    settings = config.table("build")
+    settings = config.table("build", BUILD)
     build_config = BuildConfig.resolve(
         base_config or settings.get("base_config") or "tinyconfig",
         list(fragments) or list(settings.get("fragments", [])),
@@ -1086,9 +1113,10 @@ def build(
     hosts = distcc or settings.get("distcc_hosts", "")
     use_ccache = bool(not hosts and settings.get("ccache", True) and shutil.which("ccache"))
     check_tools([*TOOLS, *chosen.needs, *(["distcc"] if hosts else [])])
+    chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
     work = tree_stage.open_tree(config, tree, log=log)
     check_kernel_tree(work.path)
-    build_dir = Path(out).expanduser().resolve() if out else default_build_dir(work.path)
+    build_dir = chosen_dir or default_build_dir(work.path)
     if build_dir == work.path or work.path in build_dir.parents:
         raise ToolkitError(
             f"build directory {build_dir} is inside the tree {work.path}",

@@ -29,8 +29,8 @@ from rich.table import Table
 from rich.text import Text
 
 from kseries import records, trailers
-from kseries.config import Config
-from kseries.core.files import write_atomic
+from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Kind
+from kseries.core.files import output_dir, write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.series import Series, parse_addresses
@@ -103,18 +103,42 @@ class Delivery:
         )
 
 
+SEND = Keys(
+    {
+        "to": STRINGS,
+        "cc": STRINGS,
+        "exclude": STRINGS,
+        "get_maintainer": BOOLEAN,
+        "checkpatch_ignore": STRING_TABLE,  # message type -> why it is ignored
+        "smtp": Keys(
+            {
+                "server": STRING,
+                "port": Kind(
+                    "a port number or name",
+                    lambda v: INTEGER.accepts(v) or isinstance(v, str),
+                    "587",
+                ),
+                "encryption": STRING,
+                "user": STRING,
+            }
+        ),
+    }
+)
+
+
 class SendSettings:
     """The [send] table: recipients, checkpatch exceptions, SMTP (never a password)."""
 
     def __init__(self, config: Config, series: Series) -> None:
-        table = config.table("send")
+        table = config.table("send", SEND)
         self.series = series
+        self.where = config.where.table("send")
         self.to = [str(self._address(v, "to")) for v in table.get("to", [])]
         self.cc = [str(self._address(v, "cc")) for v in table.get("cc", [])]
         self.exclude = {
             self._address(v, "exclude").addr_spec.lower() for v in table.get("exclude", [])
         }
-        self.get_maintainer = bool(table.get("get_maintainer", True))
+        self.get_maintainer: bool = table.get("get_maintainer", True)
         self.checkpatch_ignore: dict[str, str] = dict(table.get("checkpatch_ignore", {}))
         self.smtp: dict[str, Any] = dict(table.get("smtp", {}))
 
@@ -125,8 +149,9 @@ class SendSettings:
             return Address(display_name=person.name, addr_spec=person.email)
         found = parse_addresses(value) if "@" in value else None
         if found is None or len(found) != 1:
-            raise ToolkitError(
-                f"[send] {key}: {value!r} is neither a person key nor one address",
+            raise self.where.error(
+                key,
+                f"{key}: {value!r} is neither a person key nor one address",
                 f"use one of {', '.join(sorted(self.series.people))} or user@example.org; "
                 'a name with a comma goes in double quotes: "Last, First" <user@example.org>',
             )
@@ -531,25 +556,17 @@ def _claim(out: Path, series: Series) -> Path:
                 f"--out {out} is inside the series' {kind} directory {data}",
                 "write the mails anywhere else (the default is out/<branch>/ in the project)",
             )
-    if out.exists() and not out.is_dir():
-        raise ToolkitError(f"--out {out} is a file", "name a directory (a new one is made)")
-    try:
-        written = _stamped(out, series) if out.is_dir() and any(out.iterdir()) else []
-        for path in (out / name for name in written):
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-        _stamp(out, series, [])  # claims the directory, and finds out now if it is writable
-    except OSError as e:
-        raise ToolkitError(
-            f"--out {out} cannot be written: {e.strerror or e}",
-            "name a directory you can write to",
-        ) from e
+    output_dir(out)  # made if missing; a file, or one that cannot be written, is refused
+    earlier = _stamped(out, series) if any(out.iterdir()) else []
+    for path in (out / name for name in earlier):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    _stamp(out, series, [])  # claimed now, so an interrupted run is still known as ours
     return out
 
 
 def _stamp(out: Path, series: Series, files: list[str]) -> None:
     """Record in `out` which series wrote it and which files, for the next run to clear."""
-    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / STAMP, json.dumps({"series": series.name, "files": files}, indent=2) + "\n")
 
 

@@ -14,7 +14,19 @@ from email.headerregistry import Address, HeaderRegistry
 from pathlib import Path
 from typing import Any
 
-from kseries.config import Config
+from kseries.config import (
+    ANY_TABLE,
+    DATE,
+    INTEGER,
+    STRING,
+    STRINGS,
+    Config,
+    Keys,
+    Kind,
+    Names,
+    Rows,
+    Where,
+)
 from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
@@ -133,35 +145,67 @@ class Series:
         return "PATCH" if self.version == 1 else f"PATCH v{self.version}"
 
 
+SERIES = Keys(
+    {
+        "name": STRING,
+        "version": Kind("a positive integer", lambda v: INTEGER.accepts(v) and v >= 1, "2"),
+        "submitter": STRING,
+        "cover_template": STRING,
+        "patches_dir": STRING,
+        "templates_dir": STRING,
+        "facts": ANY_TABLE,  # free-form, for the templates: series.facts.v1_link
+    }
+)
+BASE = Keys({"remote": STRING, "url": STRING, "branch": STRING})
+PEOPLE = Names(Keys({"name": STRING, "email": STRING}))
+PATCHES = Rows(
+    Keys(
+        {
+            "diff": STRING,
+            "template": STRING,
+            "author": STRING,
+            "date": DATE,
+            "co_developers": STRINGS,
+            **dict.fromkeys(PERSON_FIELDS, STRINGS),
+            "links": STRINGS,
+            "extra_trailers": STRINGS,
+        }
+    )
+)
+
+
 class _Reader:
-    """Reads one series.toml table by table, so every error names the file and key."""
+    """Reads the series tables against their schemas, so every error names the file it
+    came from (series.toml or local.toml), the table and the key."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.source = config.directory / "series.toml"
+        self.top = config.where
 
-    def fail(self, where: str, problem: str, hint: str) -> ToolkitError:
-        return ToolkitError(f"{self.source}: {where}: {problem}", hint)
+    def fail(self, where: Where, key: str | None, problem: str, hint: str) -> ToolkitError:
+        """`FILE: [table] key: problem`, FILE being the one `key` (or the table) came from."""
+        named = f"{where.label} {key}" if key else where.label
+        return ToolkitError(f"{where.file(key)}: {named}: {problem}", hint)
 
-    def string(self, table: dict[str, Any], key: str, where: str) -> str:
+    def required(self, where: Where, table: dict[str, Any], key: str) -> Any:
+        """A setting a later stage cannot do without (its type the schema checked)."""
         value = table.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(where, f"'{key}' must be a non-empty string", f'set {key} = "..."')
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise self.fail(where, key, "is not set", f"set {key} in {where.label}")
         return value
 
     def people(self) -> dict[str, Person]:
         people: dict[str, Person] = {}
         seen: dict[str, str] = {}
-        for key, entry in self.config.table("people").items():
-            where = f"[people.{key}]"
-            if not isinstance(entry, dict):
-                raise self.fail(where, "must be a table", 'name = "..." and email = "..."')
+        for key, entry in self.config.table("people", PEOPLE).items():
+            where = self.top.table("people").table(key)
             person = Person(
-                key, self.string(entry, "name", where), self.string(entry, "email", where)
+                key, self.required(where, entry, "name"), self.required(where, entry, "email")
             )
             if not (NAME_RE.match(person.name) and EMAIL_RE.match(person.email)):
                 raise self.fail(
                     where,
+                    None,
                     f"'{person.name} <{person.email}>' is not a well-formed identity",
                     "use a real name (no <, > or @) and an address like user@example.org",
                 )
@@ -169,6 +213,7 @@ class _Reader:
             if address in seen:
                 raise self.fail(
                     where,
+                    None,
                     f"{person.email} is also [people.{seen[address]}]",
                     "list each person once and refer to them by key",
                 )
@@ -176,48 +221,38 @@ class _Reader:
             people[key] = person
         return people
 
-    def person(self, people: dict[str, Person], key: Any, where: str) -> Person:
-        if not isinstance(key, str) or key not in people:
+    def person(self, people: dict[str, Person], key: str, where: Where, field: str) -> Person:
+        if key not in people:
             raise self.fail(
                 where,
+                field,
                 f"unknown person {key!r}",
                 f"add [people.{key}] or use one of: {', '.join(sorted(people))}",
             )
         return people[key]
 
     def persons(
-        self, people: dict[str, Person], table: dict[str, Any], key: str, where: str
+        self, people: dict[str, Person], table: dict[str, Any], key: str, where: Where
     ) -> tuple[Person, ...]:
-        values = table.get(key, [])
-        if isinstance(values, str):
-            values = [values]
-        return tuple(self.person(people, v, f"{where} {key}") for v in values)
-
-    def strings(self, table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
-        values = table.get(key, [])
-        if isinstance(values, str):
-            values = [values]
-        if not all(isinstance(v, str) for v in values):
-            raise self.fail(where, f"'{key}' must be a list of strings", f'{key} = ["..."]')
-        return tuple(values)
+        return tuple(self.person(people, v, where, key) for v in table.get(key, []))
 
     def patch(
         self, number: int, table: dict[str, Any], people: dict[str, Person], patches_dir: Path
     ) -> Patch:
-        where = f"[[patch]] #{number}"
-        diff = patches_dir / self.string(table, "diff", where)
+        where = self.top.row("patch", number - 1)
+        diff = patches_dir / self.required(where, table, "diff")
         if not diff.is_file():
             raise self.fail(
-                where, f"diff file {diff} does not exist", "run `invoke export` or fix 'diff'"
+                where, None, f"diff file {diff} does not exist", "run `invoke export` or fix 'diff'"
             )
         return Patch(
             number=number,
-            template=self.string(table, "template", where),
+            template=self.required(where, table, "template"),
             diff=diff,
-            author=self.person(people, table.get("author"), f"{where} author"),
+            author=self.person(people, self.required(where, table, "author"), where, "author"),
             co_developers=self.persons(people, table, "co_developers", where),
-            links=self.strings(table, "links", where),
-            extra_trailers=self.strings(table, "extra_trailers", where),
+            links=tuple(table.get("links", ())),
+            extra_trailers=tuple(table.get("extra_trailers", ())),
             date=table.get("date"),
             **{name: self.persons(people, table, name, where) for name in PERSON_FIELDS},
         )
@@ -228,36 +263,38 @@ def load(config: Config | None = None) -> Series:
     config = config or Config.load()
     reader = _Reader(config)
     people = reader.people()
-    info = config.table("series")
-    base = config.table("base")
+    info = config.table("series", SERIES)
+    base = config.table("base", BASE)
+    entries = config.table("patch", PATCHES)
     patches_dir = config.path("series.patches_dir") or config.directory.parent / "patches"
     templates_dir = config.path("series.templates_dir") or config.directory.parent / "templates"
-    version = info.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise reader.fail(
-            "[series]", f"version must be a positive integer, not {version!r}", "version = 2"
-        )
-    entries = config.data.get("patch", [])
     if not entries:
-        raise reader.fail("[[patch]]", "the series has no patches", "add a [[patch]] table")
+        raise reader.fail(
+            reader.top.rows("patch"),
+            None,
+            "the series has no patches",
+            "add a [[patch]] table",
+        )
+    top = reader.top.table("series")
+    on = reader.top.table("base")
     series = Series(
-        name=reader.string(info, "name", "[series]"),
-        version=version,
-        submitter=reader.person(people, info.get("submitter"), "[series] submitter"),
+        name=reader.required(top, info, "name"),
+        version=reader.required(top, info, "version"),
+        submitter=reader.person(people, reader.required(top, info, "submitter"), top, "submitter"),
         base=Base(
-            remote=reader.string(base, "remote", "[base]"),
-            url=reader.string(base, "url", "[base]"),
-            branch=reader.string(base, "branch", "[base]"),
+            remote=reader.required(on, base, "remote"),
+            url=reader.required(on, base, "url"),
+            branch=reader.required(on, base, "branch"),
         ),
         patches=tuple(
             reader.patch(n, entry, people, patches_dir) for n, entry in enumerate(entries, start=1)
         ),
         people=people,
-        cover_template=reader.string(info, "cover_template", "[series]"),
+        cover_template=reader.required(top, info, "cover_template"),
         templates_dir=templates_dir,
         patches_dir=patches_dir,
-        source=reader.source,
-        facts={k: v for k, v in info.items() if k not in {"name", "version", "submitter"}},
+        source=config.directory / "series.toml",
+        facts=info.get("facts", {}),
     )
     check_diffs([patch.diff for patch in series.patches])
     return series

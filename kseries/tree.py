@@ -24,13 +24,14 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kseries.config import Config
+from kseries.config import STRING, Config, Keys
 from kseries.core import run as door
 from kseries.core.files import exclusive
 from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
+from kseries.series import BASE
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 APT_ETC = Path("/etc/apt")
@@ -60,6 +61,9 @@ IDENTITY = ("kseries default tree", "kseries@localhost")
 FALLBACK_DATE = "1767225600 +0000"  # 2026-01-01, if the package carries no Debian changelog
 GIT_CONFIG = ("-c", "core.autocrlf=false", "-c", "gc.auto=0", "-c", "maintenance.auto=false")
 MIN_FREE_BYTES = 4 << 30  # .deb, extracted .deb, 1.8 GB source and its packed git objects
+
+TREE = Keys({"path": STRING})  # empty: the default tree
+DEFAULT_TREE = Keys({"package": STRING, "suite": STRING, "mirror": STRING})
 
 
 @dataclass(frozen=True)
@@ -133,17 +137,20 @@ def open_tree(config: Config, override: str = "", log: Callable[[str], None] = p
 
     Only the last case touches the network or the cache; a configured tree is used as it is.
     """
+    # both checked even when unused, so a typo there does not wait for the day it matters
+    config.table("tree", TREE)
+    default_tree = config.table("default_tree", DEFAULT_TREE)
     if override:
         return WorkTree(Path(override))
     configured = config.path("tree.path")
     if configured is not None:
         return WorkTree(configured)
-    settings = {k: v for k, v in config.table("default_tree").items() if v != ""}
+    base = config.table("base", BASE)
     return WorkTree(
         prepare_default_tree(
-            **settings,
-            remote=config.table("base")["remote"],
-            branch=config.table("base")["branch"],
+            **{k: v for k, v in default_tree.items() if v != ""},
+            remote=base.get("remote") or "kvm-x86",
+            branch=base.get("branch") or "next",
             log=log,
         ).path
     )
