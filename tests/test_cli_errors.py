@@ -4,48 +4,13 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from kseries.paths import PROJECT
 from kseries.rebase import Rebase
-from tests.conftest import Project, git
-
-INVOKE = str(PROJECT / ".venv/bin/invoke")
-
-
-def invoke(project: Project | None, *args: str, read_only: Path | None = None):
-    """A real `invoke` process; with `read_only`, that directory is mounted read-only for it
-    alone (a private mount namespace: unshare -m, as root here)."""
-    env = {**os.environ}
-    if project is not None:
-        env["KSERIES_CONFIG_DIR"] = str(project.configs)
-    command = [INVOKE, "-r", str(PROJECT), *args]
-    if read_only is not None:
-        ro = shlex.quote(str(read_only))
-        command = [
-            "unshare",
-            "-m",
-            "sh",
-            "-c",
-            f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} {ro} && exec "
-            + shlex.join(command),
-        ]
-    return subprocess.run(
-        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=120
-    )
-
-
-def one_error(done: subprocess.CompletedProcess[str], message: str) -> None:
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.splitlines()
-    assert lines[0] == f"error: {message}", lines
-    assert lines[1].startswith("hint: ")
+from tests.conftest import Project, git, invoke, one_error
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +20,13 @@ from rich.console import Console
 
 from kseries import series as series_stage
 from kseries.config import Config
-from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import ConflictError, Rebase
 from kseries.send import Check, PartialSend, Postman, SendSettings, report
 from kseries.tree import scratch_clone
-from tests.conftest import SOURCE, Project, cli_refused, git, invoke, replace_line
+from tests.conftest import SOURCE, Project, git, invoke, one_error, replace_line
 
 
 class Inbox:
@@ -327,8 +328,9 @@ def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, 
 # --- `invoke send-series --out`: only its own files are ever deleted ---------------------------
 
 
-def send_series(project: Project, *args: str) -> Ran:
-    return invoke(project, "send-series", "--tree", str(project.tree), *args)
+def send_series(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
+    """`invoke send-series` on the scratch tree, from the project's root as a user stands."""
+    return invoke(project, "send-series", "--tree", str(project.tree), *args, cwd=project.root)
 
 
 def contents(*roots: Path) -> dict[Path, bytes]:
@@ -341,7 +343,7 @@ def test_out_inside_the_series_data_is_refused_and_nothing_changes(project: Proj
     data = [project.root / name for name in ("patches", "templates", "configs")]
     before = contents(*data)
     kind = out.split("/")[0]
-    cli_refused(
+    one_error(
         send_series(project, "--out", out),
         f"--out {project.root / out} is inside the series' {kind} directory {project.root / kind}",
         "write the mails anywhere else",
@@ -354,7 +356,7 @@ def test_out_that_is_someone_elses_directory_is_refused(project: Project, tmp_pa
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work\n")
-    cli_refused(
+    one_error(
         send_series(project, "--out", str(mine)),
         f"--out {mine} is not empty and holds no send-series output",
         "name an empty or new directory; nothing in this one was touched",
@@ -368,7 +370,7 @@ def test_out_of_another_series_is_refused(project: Project, tmp_path: Path):
     stamp = out / ".kseries-send.json"
     stamp.write_text(stamp.read_text().replace('"demo"', '"other"'))
     before = contents(out)
-    cli_refused(
+    one_error(
         send_series(project, "--out", str(out)),
         f"--out {out} holds the mails of another series, 'other'",
     )
@@ -378,13 +380,13 @@ def test_out_of_another_series_is_refused(project: Project, tmp_path: Path):
 def test_out_that_is_a_file_or_unwritable_is_one_error_line(project: Project, tmp_path: Path):
     scratch_postman(project)
     (tmp_path / "notes").write_text("mine\n")
-    cli_refused(
+    one_error(
         send_series(project, "--out", str(tmp_path / "notes")),
         f"--out {tmp_path}/notes is a file, not a directory",
     )
     assert (tmp_path / "notes").read_text() == "mine\n"
     # sysfs refuses mkdir even to root, so this is unwritable whoever runs the tests
-    cli_refused(
+    one_error(
         send_series(project, "--out", "/sys/kseries-out"),
         "--out /sys/kseries-out cannot be made: Operation not permitted",
         "pass a writable directory",
@@ -415,7 +417,7 @@ def test_send_while_a_rebase_is_stopped_names_the_next_command(project: Project,
             remote="kvm-x86", branch="next"
         )
     before = project.snapshot()
-    cli_refused(
+    one_error(
         send_series(project, "--out", str(tmp_path / "out")),
         f"{project.tree}: a kseries rebase is stopped on a conflict, so demo-v2 is not finished",
         "resolve it and run `invoke rebase --continue`, or undo the run with "
@@ -427,7 +429,7 @@ def test_send_while_a_rebase_is_stopped_names_the_next_command(project: Project,
 def test_send_without_a_terminal_or_yes_is_refused(project: Project, tmp_path: Path, smtp):
     inbox, port = smtp
     scratch_postman(project, f'to = ["kvm@vger.kernel.org"]\n{smtp_local(port)}')
-    cli_refused(
+    one_error(
         send_series(project, "--send", "--out", str(tmp_path / "out")),  # stdin: /dev/null
         "--send asks before sending, and there is no terminal to ask on",
         "run it in a terminal, or add --yes",
@@ -439,9 +441,11 @@ def test_a_damaged_branch_record_is_one_error(project: Project, tmp_path: Path):
     scratch_postman(project)
     record = project.worktree().git_path("kseries/demo-v2.json")
     record.write_text(record.read_text()[:40])  # a write cut short
-    cli_refused(
+    with pytest.raises(json.JSONDecodeError) as cut:
+        json.loads(record.read_text())
+    one_error(
         send_series(project, "--out", str(tmp_path / "out")),
-        f"{record}: damaged branch record (JSONDecodeError: ",
+        f"{record}: damaged branch record (JSONDecodeError: {cut.value})",
         f"delete it (rm {record}) and run `invoke rebase` again",
     )
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from kseries.changelog import Changelog
@@ -10,7 +12,7 @@ from kseries.errors import ToolkitError
 from kseries.rebase import Rebase
 from kseries.series import load
 from kseries.trailers import TrailerRuleError
-from tests.conftest import Project, cli_refused, git, invoke
+from tests.conftest import Project, git, invoke, one_error
 
 
 def edit(project: Project, old: str, new: str) -> None:
@@ -175,7 +177,7 @@ def test_an_unquoted_comma_trailer_is_refused_as_two_addresses(project: Project)
     refused_before_git(project, r"'Acked-by: Bonzini, Paolo <pbonzini@redhat.com>' breaks the rule")
 
 
-def export(project: Project):
+def export(project: Project) -> subprocess.CompletedProcess[str]:
     return invoke(project, "export", "--tree", str(project.tree))
 
 
@@ -184,7 +186,7 @@ def test_export_of_an_untouched_branch_reports_no_edit(project: Project) -> None
         remote="kvm-x86", branch="next"
     )
     done = export(project)
-    assert done.status == 0, done.stderr
+    assert done.returncode == 0, done.stderr
     assert done.stdout == "patches/ already matches demo-v2\n"
 
 
@@ -199,7 +201,7 @@ def test_export_reports_a_message_edited_on_the_branch(project: Project) -> None
     templates = {p: p.read_bytes() for p in (project.root / "templates").iterdir()}
     done = export(project)
     template = project.root / "templates" / "0002.j2"
-    cli_refused(
+    one_error(
         done,
         "demo-v2: the commit message of patch 2 (0002.diff) was edited and is not exported; "
         f"change {template} instead",
