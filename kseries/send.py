@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Group
 from rich.markup import escape
@@ -257,7 +257,8 @@ class Postman:
         """Per-patch To/Cc (trailer people, get_maintainer.pl, config); the cover gets all."""
         me = self.series.submitter.email.lower()
         to = _dedupe(self.settings.to, self.settings.exclude, "[send] to")
-        drop = {a.lower() for a in _addr_specs(to)} | self.settings.exclude | {me}
+        addressed = {a.addr_spec.lower() for entry in to for a in parse_addresses(entry) or ()}
+        drop = addressed | self.settings.exclude | {me}
         patches = outbox.mails[1:]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             found = list(pool.map(self._maintainers, patches))
@@ -592,13 +593,7 @@ def _stamped(out: Path, series: Series) -> list[str]:
 
 def _read_mail(path: Path) -> EmailMessage:
     """A mail file as bytes, so the 8-bit UTF-8 body decodes by its charset, not as ASCII."""
-    mail = email.message_from_bytes(path.read_bytes(), policy=POLICY)
-    assert isinstance(mail, EmailMessage)
-    return mail
-
-
-def _addr_specs(entries: list[str]) -> list[str]:
-    return [a.addr_spec for entry in entries for a in parse_addresses(entry) or ()]
+    return cast(EmailMessage, email.message_from_bytes(path.read_bytes(), policy=POLICY))
 
 
 def _touched(path: Path) -> list[str]:
