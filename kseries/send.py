@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from rich.text import Text
 from kseries import records, trailers
 from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Kind
 from kseries.core.files import output_dir, write_atomic
+from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.series import Series, parse_addresses
@@ -281,7 +281,7 @@ class Postman:
         cache = _cache(self.tree, "get_maintainer", _patch_key(mail.path))
         if cache.exists():
             return json.loads(cache.read_text())
-        result = subprocess.run(
+        result = run(
             [
                 "perl",
                 "scripts/get_maintainer.pl",
@@ -291,21 +291,19 @@ class Postman:
                 "--nomultiline",
                 "--separator",
                 "\n",
-                str(mail.path),
+                mail.path,
             ],
             cwd=self.tree.path,
-            capture_output=True,
-            text=True,
             check=False,
         )
-        if result.returncode != 0:
+        if not result.ok:
             raise ToolkitError(
                 f"{self.tree.path}: get_maintainer.pl failed on {mail.path.name}: "
                 f"{result.stderr.strip().splitlines()[-1:]}",
                 "set [send] get_maintainer = false to address the series by config only",
             )
         found = [line.strip() for line in result.stdout.splitlines() if "@" in line]
-        cache.write_text(json.dumps(found))
+        write_atomic(cache, json.dumps(found))
         return found
 
     @staticmethod
@@ -441,14 +439,7 @@ class Postman:
         # /usr/bin first: checkpatch's SPDX check runs `python3` and needs Debian's ply and git
         # modules, which a venv's or pyenv's python3 lacks.
         env = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}"}
-        result = subprocess.run(
-            [*command, str(mail.path)],
-            env=env,
-            cwd=self.tree.path,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = run([*command, mail.path], env=env, cwd=self.tree.path, check=False)
         totals = CHECKPATCH_TOTAL.search(result.stdout)
         if totals is None:
             raise ToolkitError(
@@ -462,7 +453,7 @@ class Postman:
         ]
         ok = not any(int(totals[k] or 0) for k in ("errors", "warnings", "checks"))
         detail = "" if ok else f"{mail.path.name}: " + " | ".join(problems[:3])
-        cache.write_text(json.dumps([ok, detail]))
+        write_atomic(cache, json.dumps([ok, detail]))
         return ok, detail
 
     def rehearse(self, outbox: Outbox) -> Delivery:

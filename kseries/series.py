@@ -27,6 +27,7 @@ from kseries.config import (
     Rows,
     Where,
 )
+from kseries.core.files import write_atomic
 from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
@@ -355,7 +356,7 @@ def export(tree: WorkTree, series: Series, ref: str, base: str) -> Exported:
             *DIFF_OPTIONS, "show", "--format=", "--no-color", "--no-ext-diff", "--patch", sha
         )
         if not patch.diff.exists() or patch.diff.read_text() != diff:
-            patch.diff.write_text(diff)
+            write_atomic(patch.diff, diff)
             changed.append(patch.diff)
     return Exported(changed, commits)
 
