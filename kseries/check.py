@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
@@ -118,18 +117,6 @@ class Result:
     new_warnings: list[str] = field(default_factory=list)
     recompiled: int = 0
     seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "gate": self.gate,
-            "commit": self.commit,
-            "subject": self.subject,
-            "ok": self.ok,
-            "error": self.error,
-            "new_warnings": self.new_warnings,
-            "recompiled": self.recompiled,
-            "seconds": round(self.seconds, 2),
-        }
 
 
 def warnings(log_text: str, tree: Path, build_dir: Path) -> set[str]:

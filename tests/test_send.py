@@ -9,7 +9,6 @@ import email
 import email.policy
 import json
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import ConflictError, Rebase
 from kseries.send import Check, PartialSend, Postman, SendSettings, report
+from kseries.testbox.qemu import free_port
 from kseries.tree import scratch_clone
 from tests.conftest import SOURCE, Project, git, invoke, one_error, replace_line
 
@@ -45,12 +45,6 @@ class Inbox:
         self.mails.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
         self.recipients.append(list(envelope.rcpt_tos))
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ class Machine:
     # --- console and liveness ----------------------------------------------------------------
 
     def alive(self) -> bool:
-        return self.qemu.alive() if self.qemu else True
+        return self.qemu.running() if self.qemu else True
 
     def console_mark(self) -> int | None:
         return self.qemu.console_size() if self.qemu else None

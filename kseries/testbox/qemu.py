@@ -43,10 +43,6 @@ KVM_PROBE = 20.0  # seconds a KVM guest gets to reach userspace (it needs about 
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 
 
-class BoxDown(ToolkitError):
-    """The local box is not running."""
-
-
 @dataclass
 class State:
     """What state.json records about the running (or last) QEMU process."""
@@ -374,11 +370,6 @@ class QemuBox:
         if said:
             parts.append(said)
         return ", ".join(parts) or "no message from QEMU"
-
-    def alive(self) -> bool:
-        """For boot waits: False as soon as QEMU has exited (a panic with -no-reboot)."""
-        state = self.state()
-        return bool(state.pid) and self._is_ours(state.pid)
 
     # --- console -----------------------------------------------------------------------------
 
