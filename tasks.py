@@ -6,14 +6,21 @@ only the stages it uses, so a task does not pay for the start-up of the others.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from invoke import Collection, Context, task
 
 from kseries.config import Config
-from kseries.ui import console, edge, log
+from kseries.core.files import output_dir
+from kseries.errors import ToolkitError
+from kseries.ui import confirm, console, edge, log, number
 
 TREE_HELP = "kernel tree to work in (default: tree.path from configs/, else the embedded 7.2 tree)"
+KEEP_WARM_HELP = (
+    "leave the local QEMU boxes this run starts running afterwards (default: [testbox] keep_warm, "
+    "false: they are stopped)"
+)
 
 
 @task(
@@ -70,7 +77,11 @@ def rebase(
 )
 @edge
 def export(c: Context, tree: str = "", ref: str = "") -> None:
-    """Write the series branch's diffs back into patches/ (after resolving a conflict)."""
+    """Write the series branch's diffs back into patches/ (after resolving a conflict).
+
+    A commit message edited on the branch is not exported (prose lives in templates/): it is
+    shown as a diff against the rendered message, naming the template to change."""
+    from kseries import changelog as changelog_stage
     from kseries import series as series_stage
     from kseries import tree as tree_stage
 
@@ -79,11 +90,21 @@ def export(c: Context, tree: str = "", ref: str = "") -> None:
     work = tree_stage.open_tree(config, tree, log=log)
     ref = ref or series.branch
     base = work.git("merge-base", ref, series.base.tracking_ref).strip()
-    changed = series_stage.export(work, series, ref, base)
-    for path in changed:
+    exported = series_stage.export(work, series, ref, base)
+    for path in exported.changed:
         console.print(f"updated {path.relative_to(series.patches_dir.parent)}")
-    if not changed:
+    if not exported.changed:
         console.print("patches/ already matches " + ref)
+    edits = changelog_stage.Changelog(series).edits(work, exported.commits)
+    for edit in edits:
+        console.print(edit.diff, markup=False, highlight=False, soft_wrap=True)
+    if edits:
+        raise ToolkitError(
+            f"{ref}: the commit message of {', '.join(e.patch.label for e in edits)} was edited "
+            f"and is not exported; change {', '.join(str(e.template) for e in edits)} instead",
+            "the diff above goes from the rendered message to the branch's; the next "
+            "`invoke rebase` renders the template again",
+        )
 
 
 @task(help={"out": "write one file per message into this directory instead of stdout"})
@@ -97,12 +118,11 @@ def changelog(c: Context, out: str = "") -> None:
     writer = changelog_stage.Changelog(series)
     messages = {"0000-cover-letter": writer.cover_letter()}
     messages |= {Path(p.template).stem: writer.message(p) for p in series.patches}
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
+    directory = output_dir(Path(out)) if out else None
     for name, message in messages.items():
-        if out:
-            (Path(out) / f"{name}.txt").write_text(str(message))
-            console.print(f"wrote {Path(out) / name}.txt")
+        if directory:
+            (directory / f"{name}.txt").write_text(str(message))
+            console.print(f"wrote {directory / name}.txt")
         else:
             console.rule(name)
             console.print(str(message), markup=False, highlight=False, soft_wrap=True)
@@ -125,6 +145,7 @@ def prepare(c: Context, tree: str = "") -> None:
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
         "no_check": "skip `invoke check` (the per-commit builds of every gate)",
+        "keep_warm": KEEP_WARM_HELP,
     }
 )
 @edge
@@ -135,6 +156,7 @@ def pipeline(
     compare: str = "",
     no_compare: bool = False,
     no_check: bool = False,
+    keep_warm: bool = False,
 ) -> None:
     """The main job: rebase, check, build, boot and test (base vs series), then the mails."""
     from kseries import series as series_stage
@@ -145,7 +167,10 @@ def pipeline(
         check(c, tree=tree)
     build(c, tree=tree)
     test_remote(
-        c, boxes=boxes, compare="" if no_compare else compare or f"{base.remote}/{base.branch}"
+        c,
+        boxes=boxes,
+        compare="" if no_compare else compare or f"{base.remote}/{base.branch}",
+        keep_warm=keep_warm,
     )
     send_series(c, tree=tree)
 
@@ -173,7 +198,7 @@ def build(
     out: str = "",
     config: list[str] | None = None,
     base_config: str = "",
-    jobs: int = 0,
+    jobs: str = "0",
     target: str = "",
     distcc: str = "",
     verbose: bool = False,
@@ -187,7 +212,7 @@ def build(
         out=out,
         fragments=config or (),
         base_config=base_config,
-        jobs=jobs,
+        jobs=number("jobs", jobs, int, 0),
         target=target,
         distcc=distcc,
         verbose=verbose,
@@ -238,6 +263,11 @@ def send_series(
     yes: bool = False,
 ) -> None:
     """Format the series as mails, address and check them, then git send-email (dry run)."""
+    if send and not yes and not sys.stdin.isatty():
+        raise ToolkitError(
+            "--send asks before sending, and there is no terminal to ask on",
+            "run it in a terminal, or add --yes to send without asking (after a dry run)",
+        )
     from kseries import send as send_stage
     from kseries import series as series_stage
     from kseries import tree as tree_stage
@@ -257,7 +287,7 @@ def send_series(
     else:
         postman.check(outbox, sending=True)
         console.print(send_stage.report(outbox))
-        if not yes and input(f"send {len(outbox.mails)} mails? [y/N] ").lower() != "y":
+        if not yes and not confirm(f"send {len(outbox.mails)} mails? [y/N] "):
             console.print("not sent")
             return
         delivery = postman.send(outbox, dry_run=False)
@@ -300,6 +330,7 @@ def _names(values: list[str] | None) -> list[str]:
         "trust_new_host": "record an unknown host key in the box's known_hosts (a changed key "
         "is still refused)",
         "out": "output directory (default: out/test-remote/TIMESTAMP)",
+        "keep_warm": KEEP_WARM_HELP,
     },
 )
 @edge
@@ -310,11 +341,12 @@ def test_remote(
     kernel: str = "",
     tests: list[str] | None = None,
     compare: str = "",
-    cycles: int = 0,
-    duration: float = 0.0,
+    cycles: str = "0",
+    duration: str = "0",
     trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
+    keep_warm: bool = False,
 ) -> None:
     """Boot the built kernel on test boxes, prove it is that build, run the tests, judge."""
     from kseries.testbox import report as report_stage
@@ -326,11 +358,12 @@ def test_remote(
         kernel_spec=kernel,
         tests=_names(tests),
         compare=compare,
-        cycles=cycles,
-        duration=duration,
+        cycles=number("cycles", cycles, int, 0),
+        duration=number("duration", duration, float, 0.0),
         trace=trace,
         trust_new_host=trust_new_host,
         out=out,
+        keep_warm=keep_warm or None,
         log=log,
     )
     console.print(report_stage.table(runs))
@@ -396,12 +429,13 @@ def testbox_status(c: Context, box: str = "") -> None:
 
 @task(help={"box": BOX_HELP, "lines": "how many lines to show (default 50)"})
 @edge
-def testbox_console(c: Context, box: str = "", lines: int = 50) -> None:
+def testbox_console(c: Context, box: str = "", lines: str = "50") -> None:
     """Show the end of the local test box's serial console log."""
     from kseries.testbox import local as local_box
     from kseries.testbox.box import TestboxConfig
 
-    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=lines)
+    count = number("lines", lines, int, 1)
+    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=count)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,11 +46,13 @@ from rich.progress import (
 )
 
 from kseries import tree as tree_stage
-from kseries.config import Config
-from kseries.core.files import exclusive
+from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Names
+from kseries.core import run as door
+from kseries.core.files import exclusive, output_dir
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
+from kseries.ui import heartbeat
 
 Log = Callable[[str], None]
 
@@ -72,6 +73,22 @@ PACKAGES = {
 DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
     "bzImage": {"goals": ["bzImage"], "artifact": "arch/x86/boot/bzImage"},
 }
+# configs/toolkit.toml [build]: the defaults of `invoke build`, and what each --target makes.
+BUILD = Keys(
+    {
+        "base_config": STRING,
+        "fragments": STRINGS,
+        "target": STRING,
+        "jobs": INTEGER,
+        "ccache": BOOLEAN,
+        "distcc_hosts": STRING,
+        "targets": Names(
+            Keys(
+                {"goals": STRINGS, "variables": STRING_TABLE, "needs": STRINGS, "artifact": STRING}
+            )
+        ),
+    }
+)
 # A raw make goal the user may name with --target: one object or a directory of the tree.
 RAW_GOAL = re.compile(r"^[\w./+-]+(?:\.(?:o|i|s|lst|ko)|/)$")
 # kbuild's quiet-mode step lines: "  CC      kernel/fork.o", "  LD [M]  fs/foo.ko".
@@ -285,19 +302,10 @@ class BuildConfig:
 def _run_kconfig(cmd: Sequence[str], tree: Path, output: IO[str]) -> None:
     output.write(f"$ {' '.join(cmd)}\n")
     output.flush()
-    done = subprocess.run(
-        list(cmd),
-        cwd=tree,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        check=False,
-    )
+    done = door.run(cmd, cwd=tree, env=_env(), stderr=door.STDOUT, check=False)
     output.write(done.stdout)
     output.flush()
-    if done.returncode == 0:
+    if done.ok:
         return
     lines = done.stdout.splitlines()
     missing = _missing_tool(lines)
@@ -306,7 +314,7 @@ def _run_kconfig(cmd: Sequence[str], tree: Path, output: IO[str]) -> None:
     # Kconfig names its own errors "FILE:LINE: what"; else make's or the script's complaint.
     first = next((line for line in lines if re.match(r"[\w./-]+:\d+: ", line)), None)
     first = first or next((line for line in lines if re.search(r"\berror\b", line, re.I)), None)
-    first = first or (lines[-1] if lines else f"exit {done.returncode}")
+    first = first or (lines[-1] if lines else f"exit {done.status}")
     first = first.replace(f"{tree}/", "")
     step = Path(cmd[0]).name if cmd[0] != "make" else f"make {cmd[-1]}"
     raise ToolkitError(
@@ -746,15 +754,8 @@ class Build:
         started = time.monotonic()
         steps: list[tuple[str, str]] = []
         output: list[str] = []
-        process = subprocess.Popen(
-            cmd,
-            cwd=self.tree,
-            env=_env(self.env),
-            text=True,
-            errors="replace",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            bufsize=1,
+        process = door.start(
+            cmd, cwd=self.tree, env=_env(self.env), text=True, stderr=door.STDOUT
         )
         assert process.stdout is not None
         try:
@@ -793,15 +794,25 @@ class Build:
         else:
             columns += [TextColumn("{task.completed} steps")]
         columns += [TimeElapsedColumn(), TextColumn("[dim]{task.fields[last]}")]
-        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind.
+        # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind: a plain
+        # line every half minute says how far make is instead.
         quiet = not self.console.is_terminal
-        with Progress(*columns, console=self.console, transient=True, disable=quiet) as progress:
-            task = progress.add_task(
-                f"make {' '.join(self.target.goals)}", total=self.expected or None, last=""
-            )
+        what = f"make {' '.join(self.target.goals)}"
+        done = [0]
+
+        def so_far() -> str:
+            of = f" of about {self.expected}" if self.expected else ""
+            return f"{done[0]}{of} steps"
+
+        with (
+            Progress(*columns, console=self.console, transient=True, disable=quiet) as progress,
+            heartbeat(what, so_far, self.console),
+        ):
+            task = progress.add_task(what, total=self.expected or None, last="")
 
             def show(line: str, step: bool, count: int) -> None:
                 if step:
+                    done[0] = count
                     total = max(self.expected, count + 1) if self.expected else None
                     progress.update(task, completed=count, total=total, last=line.strip()[:60])
 
@@ -1089,7 +1100,7 @@ def build(
     Raises ToolkitError for anything the user can fix.
     """
     started = time.monotonic()
-    settings = config.table("build")
+    settings = config.table("build", BUILD)
     build_config = BuildConfig.resolve(
         base_config or settings.get("base_config") or "tinyconfig",
         list(fragments) or list(settings.get("fragments", [])),
@@ -1102,9 +1113,10 @@ def build(
     hosts = distcc or settings.get("distcc_hosts", "")
     use_ccache = bool(not hosts and settings.get("ccache", True) and shutil.which("ccache"))
     check_tools([*TOOLS, *chosen.needs, *(["distcc"] if hosts else [])])
+    chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
     work = tree_stage.open_tree(config, tree, log=log)
     check_kernel_tree(work.path)
-    build_dir = Path(out).expanduser().resolve() if out else default_build_dir(work.path)
+    build_dir = chosen_dir or default_build_dir(work.path)
     if build_dir == work.path or work.path in build_dir.parents:
         raise ToolkitError(
             f"build directory {build_dir} is inside the tree {work.path}",
@@ -1194,11 +1206,10 @@ class _Source:
         head = work.head()
         self.branch = head.removeprefix("refs/heads/") if head.startswith("refs/") else None
         self.commit = work.git("rev-parse", "HEAD").strip()
-        self._status = subprocess.Popen(
+        self._status = door.start(
             ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
             cwd=work.path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=door.DEVNULL,
             text=True,
         )
         self._dirty: bool | None = None
@@ -1218,12 +1229,10 @@ class _Source:
 
 def kernelrelease(tree: Path, build_dir: Path) -> str:
     """`make -s kernelrelease` of a configured build directory."""
-    done = subprocess.run(
-        ["make", "-s", "-C", str(tree), f"O={build_dir}", "kernelrelease"],
+    done = door.run(
+        ["make", "-s", "-C", tree, f"O={build_dir}", "kernelrelease"],
         cwd=tree,
         env=_env(),
-        capture_output=True,
-        text=True,
         check=False,
     )
     lines = done.stdout.strip().splitlines()
@@ -1260,9 +1269,7 @@ def _ccache_basedir(tree: Path, build_dir: Path) -> dict[str, str]:
     Left alone if the user set a base_dir of their own."""
     if os.environ.get("CCACHE_BASEDIR"):
         return {}
-    configured = subprocess.run(
-        ["ccache", "--get-config", "base_dir"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    configured = door.run(["ccache", "--get-config", "base_dir"], check=False).stdout.strip()
     common = Path(os.path.commonpath([tree, build_dir]))
     if configured or common == Path(common.anchor):
         return {}

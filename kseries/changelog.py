@@ -6,7 +6,10 @@ templates; the trailers are appended by code (kseries.trailers), never written b
 
 from __future__ import annotations
 
+import difflib
+import re
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import jinja2
 
 from kseries import trailers
 from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
 from kseries.series import Patch, Series
 
 
@@ -33,13 +37,23 @@ class Message:
         return "\n\n".join(parts) + "\n"
 
 
+@dataclass(frozen=True)
+class Edit:
+    """A commit message on the branch that is not what its template renders. Prose lives in
+    templates/, so it cannot be exported: it is shown, for the user to move by hand."""
+
+    patch: Patch
+    template: Path
+    diff: str  # unified, from the rendered message to the branch's
+
+
 class Changelog:
     """Renders every message of one series; one jinja2 environment, StrictUndefined."""
 
     def __init__(self, series: Series) -> None:
         self.series = series
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(series.templates_dir),
+            loader=_Loader(series.templates_dir),
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
@@ -61,6 +75,24 @@ class Changelog:
 
     def messages(self) -> list[Message]:
         return [self.message(patch) for patch in self.series.patches]
+
+    def edits(self, tree: WorkTree, commits: Sequence[str]) -> list[Edit]:
+        """Each of the series' commits (in order) whose message differs from the rendered one."""
+        shown = tree.git("show", "-s", "--format=%B%x00", *commits).split("\0")[: len(commits)]
+        edits = []
+        for sha, branch, patch in zip(commits, shown, self.series.patches, strict=True):
+            rendered, actual = str(self.message(patch)).strip(), branch.strip()
+            if rendered != actual:
+                template = self.series.templates_dir / patch.template
+                diff = difflib.unified_diff(
+                    rendered.splitlines(),
+                    actual.splitlines(),
+                    f"{template} (rendered)",
+                    f"{sha[:12]} ({patch.label})",
+                    lineterm="",
+                )
+                edits.append(Edit(patch, template, "\n".join(diff)))
+        return edits
 
     def cover_letter(self) -> Message:
         subjects = [self.message(p).subject for p in self.series.patches]
@@ -85,19 +117,57 @@ class Changelog:
                 f"{path}:{_template_line(e, path)}: {e.message}",
                 "use a variable the series defines (series, patch, people, base)",
             ) from e
-        subject, _, body = text.strip().partition("\n")
-        body = body.strip("\n")
-        if not subject.strip() or not body.strip():
+        # Line 1 is the subject even when it renders empty, which trim_blocks would hide by
+        # dropping the line (`{% if x %}subject{% endif %}`): the marker says where it ended.
+        before, marked, after = text.partition(_subject_end(name))
+        text = _MARKS.sub("", before + after)
+        if not (before if marked else text.partition("\n")[0]).strip():
             raise ToolkitError(
-                f"{path}: renders no subject or no body",
+                f"{path}:1: the subject renders empty",
+                "the first line is the subject (a comment or {% set %} goes after it): check "
+                "the variables and {% if %} blocks on it",
+            )
+        subject, _, body = text.rstrip().partition("\n")
+        if not body.strip():
+            raise ToolkitError(
+                f"{path}: renders no body",
                 "the first line is the subject, then a blank line, then the body",
             )
-        if not text.strip().split("\n")[1:2] == [""]:
+        if body.split("\n", 1)[0] != "":
             raise ToolkitError(
                 f"{path}:2: the subject must be followed by a blank line",
                 "keep the subject to one line",
             )
-        return subject.strip(), body
+        return subject.strip(), body.strip("\n")
+
+
+def _subject_end(name: str) -> str:
+    return f"\0subject-end:{name}\0"
+
+
+_MARKS = re.compile(r"\0subject-end:[^\0]*\0")
+
+
+class _Loader(jinja2.FileSystemLoader):
+    """templates/, with the end of each template's first line marked in its source (no line
+    is added, so error line numbers stay true). The marker is plain text after any tag there,
+    so trim_blocks no longer drops that line's newline when it renders nothing."""
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        source, filename, uptodate = super().get_source(environment, template)
+        first, newline, rest = source.partition("\n")
+        try:
+            last = list(environment.lex(first))[-1:]
+        except jinja2.TemplateSyntaxError:  # a comment or raw block runs on past line 1
+            return source, filename, uptodate
+        if last and (last[0][1] not in _CLOSED or last[0][2].startswith("-")):
+            return source, filename, uptodate  # a tag runs on, or `-%}` joins the next line
+        return first + _subject_end(template) + newline + rest, filename, uptodate
+
+
+_CLOSED = {"data", "block_end", "variable_end", "comment_end"}
 
 
 def _template_line(error: Exception, path: Path) -> int | str:

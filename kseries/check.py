@@ -23,20 +23,34 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
 from kseries import build as build_stage
 from kseries.build import BuildConfig
-from kseries.config import Config, check_keys
+from kseries.config import STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
 
 Log = Callable[[str], None]
-GATE_KEYS = {"name", "description", "base_config", "fragments", "target", "arch"}
+CHECK = Keys(
+    {
+        "gate": Rows(
+            Keys(
+                {
+                    "name": STRING,
+                    "description": STRING,
+                    "base_config": STRING,
+                    "fragments": STRINGS,
+                    "target": STRING,
+                    "arch": STRING,
+                }
+            )
+        )
+    }
+)
 WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
 # a compile in the log: kbuild's quiet "  CC  path" line, or the selftests' full gcc command
 COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
@@ -55,25 +69,28 @@ class Gate:
 
     @classmethod
     def load_all(cls, config: Config) -> list[Gate]:
-        where = f"{config.directory / 'toolkit.toml'} [[check.gate]]"
-        tables = config.table("check").get("gate", [])
+        tables = config.table("check", CHECK).get("gate", [])
         if not tables:
-            raise ToolkitError(f"{where}: no gates", "add a [[check.gate]] table")
+            where = config.where.table("check").rows("gate")
+            raise where.error(None, "no gates", "add a [[check.gate]] table")
         gates = []
-        for number, table in enumerate(tables, 1):
-            check_keys(table, GATE_KEYS, f"{where} #{number}")
+        for index, table in enumerate(tables):
             missing = [
                 k for k in ("name", "base_config", "fragments", "target") if not table.get(k)
             ]
             if missing:
-                raise ToolkitError(f"{where} #{number}: no {', '.join(missing)}", "see the file")
+                raise (
+                    config.where.table("check")
+                    .row("gate", index)
+                    .error(None, f"no {', '.join(missing)}", "see the file")
+                )
             gate = cls(
-                str(table["name"]),
-                str(table["base_config"]),
-                tuple(str(f) for f in table.get("fragments", ())),
-                str(table["target"]),
-                str(table.get("arch", "")),
-                str(table.get("description", "")),
+                table["name"],
+                table["base_config"],
+                tuple(table["fragments"]),
+                table["target"],
+                table.get("arch", ""),
+                table.get("description", ""),
             )
             # the fragments and base config exist: fail now, not after the first build
             BuildConfig.resolve(gate.base_config, gate.fragments, config.directory, gate.arch)
@@ -100,18 +117,6 @@ class Result:
     new_warnings: list[str] = field(default_factory=list)
     recompiled: int = 0
     seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "gate": self.gate,
-            "commit": self.commit,
-            "subject": self.subject,
-            "ok": self.ok,
-            "error": self.error,
-            "new_warnings": self.new_warnings,
-            "recompiled": self.recompiled,
-            "seconds": round(self.seconds, 2),
-        }
 
 
 def warnings(log_text: str, tree: Path, build_dir: Path) -> set[str]:

@@ -1,15 +1,15 @@
 """A git work tree, and the handful of git questions every stage asks of it.
 
-Plain `git` through subprocess: every call here is one git command, and importing a git
+Plain `git` through the command door: every call here is one git command, and importing a git
 library would cost more start-up time than the whole rebase's own overhead budget.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
+from kseries.core.run import DEVNULL, run, start
 from kseries.errors import ToolkitError
 
 IN_PROGRESS = {
@@ -60,16 +60,14 @@ class WorkTree:
         self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
     ) -> tuple[int, str, str]:
         """Run git here; return (status, stdout, stderr) without raising."""
-        result = subprocess.run(
+        result = run(
             ["git", *args],
             input=stdin,
             cwd=self.path,
             env={**os.environ, **env} if env else None,
-            capture_output=True,
-            text=True,
             check=False,
         )
-        return result.returncode, result.stdout, result.stderr
+        return result.status, result.stdout, result.stderr
 
     def git_path(self, name: str) -> Path:
         """A path inside this work tree's git directory (its own, for a linked worktree)."""
@@ -107,11 +105,8 @@ class CleanCheck:
 
     def __init__(self, tree: WorkTree) -> None:
         self.tree = tree
-        self.diff = subprocess.Popen(
-            ["git", "diff", "--quiet", "HEAD", "--"],
-            cwd=tree.path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.diff = start(
+            ["git", "diff", "--quiet", "HEAD", "--"], cwd=tree.path, stdout=DEVNULL, stderr=DEVNULL
         )
 
     def require(self) -> None:

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import email.policy
 import json
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 from pathlib import Path
 
-from kseries import trailers
+from kseries import records, trailers
 from kseries.changelog import Changelog, Message
+from kseries.core.files import try_exclusive, write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import CleanCheck, WorkTree
-from kseries.series import Series
+from kseries.series import Series, ident
 
-STATE_DIR = "kseries"
+STATE_DIR = records.DIR
 ATTEMPTS = "refs/kseries/attempts"
 CONFLICT_RE = re.compile(r"^error: patch failed: (?P<file>\S+):(?P<line>\d+)$", re.M)
 
@@ -46,20 +49,37 @@ class State:
 
     @classmethod
     def path(cls, tree: WorkTree) -> Path:
-        return tree.git_path(f"{STATE_DIR}/rebase.json")
+        return records.rebase_state(tree)
 
     @classmethod
     def load(cls, tree: WorkTree) -> State | None:
+        """The stopped run's state; None when no run is stopped. An unreadable file (cut short
+        by a full disk, edited by hand) is an error that points at --abort, never a traceback."""
         path = cls.path(tree)
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as e:
+            raise UnreadableState(path, e) from e
 
     def save(self, tree: WorkTree) -> None:
-        path = self.path(tree)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_atomic(self.path(tree), json.dumps(asdict(self), indent=2) + "\n")
 
     def clear(self, tree: WorkTree) -> None:
         self.path(tree).unlink(missing_ok=True)
+
+
+class UnreadableState(ToolkitError):
+    def __init__(self, path: Path, problem: Exception) -> None:
+        super().__init__(
+            f"{path}: the stopped rebase's state is unreadable ({problem})",
+            "invoke rebase --abort (it undoes the am; the previous tip is kept under "
+            f"{ATTEMPTS}/)",
+        )
+        self.path = path
 
 
 @dataclass
@@ -136,21 +156,28 @@ class Rebase:
     def start(
         self, *, remote: str, branch: str, fetch: bool = True, clean: CleanCheck | None = None
     ) -> Result:
-        """A fresh run. `clean`: the tree's clean check, if the caller started it already."""
+        """A fresh run. `clean`: the tree's clean check, if the caller started it already (a
+        failure before it is answered cancels it)."""
         started = time.monotonic()
         clean = clean or self.tree.clean_check()
         try:
-            changelog = Changelog(self.series)
-            messages = changelog.messages()  # renders and checks every trailer before git runs
-            cover = changelog.cover_letter()
-            if State.load(self.tree):
-                raise ToolkitError(
-                    f"{self.tree.path}: a kseries rebase is already in progress",
-                    "invoke rebase --continue, or invoke rebase --abort",
-                )
+            with self._exclusive():
+                return self._start(remote, branch, fetch, clean, started)
         except BaseException:
             clean.cancel()
             raise
+
+    def _start(
+        self, remote: str, branch: str, fetch: bool, clean: CleanCheck, started: float
+    ) -> Result:
+        changelog = Changelog(self.series)
+        messages = changelog.messages()  # renders and checks every trailer before git runs
+        cover = changelog.cover_letter()
+        if State.load(self.tree):
+            raise ToolkitError(
+                f"{self.tree.path}: a kseries rebase is already in progress",
+                "invoke rebase --continue, or invoke rebase --abort",
+            )
         clean.require()
         base = (
             self._fetch(remote, branch)
@@ -164,6 +191,7 @@ class Rebase:
                 f"run without --no-fetch, or check that {remote} has '{branch}'",
             )
         target = self.series.branch
+        self._require_not_checked_out_elsewhere(target)
         old_tip = self.tree.rev(f"refs/heads/{target}")
         state = State(
             branch=target,
@@ -176,8 +204,7 @@ class Rebase:
             patches=len(messages),
         )
         mbox_path = self.tree.git_path(f"{STATE_DIR}/series.mbox")
-        mbox_path.parent.mkdir(parents=True, exist_ok=True)
-        mbox_path.write_text(mbox(self.series, messages))
+        write_atomic(mbox_path, mbox(self.series, messages))
         state.save(self.tree)
         try:
             if old_tip:
@@ -197,14 +224,23 @@ class Rebase:
 
     def resume(self) -> Result:
         started = time.monotonic()
-        state = self._state()
-        if self.tree.git_path("rebase-apply").exists():
-            self._am("--continue")
-        return self._finish(state, Changelog(self.series).cover_letter(), started)
+        with self._exclusive():
+            state = self._state()
+            if self.tree.git_path("rebase-apply").exists():
+                self._am("--continue")
+            return self._finish(state, Changelog(self.series).cover_letter(), started)
 
     def abort(self) -> None:
         """Put branch, HEAD and work tree back exactly as they were before the run."""
-        state = self._state()
+        with self._exclusive():
+            try:
+                state = self._state()
+            except UnreadableState as e:
+                self._salvage(e.path)
+                return
+            self._abort(state)
+
+    def _abort(self, state: State) -> None:
         if self.tree.git_path("rebase-apply").exists():
             self.tree.git("am", "--abort")
         # The run began on a clean tree, so whatever the merge left behind is ours to drop.
@@ -223,7 +259,55 @@ class Rebase:
         state.clear(self.tree)
         self.log(f"aborted: {self.tree.path} is back on {state.original_head}")
 
+    def _salvage(self, path: Path) -> None:
+        """--abort without a readable state: undo the am, which is all that can be known to be
+        this run's, and say where the previous tip is; the unreadable file is kept aside."""
+        if self.tree.git_path("rebase-apply").exists():
+            self.tree.git("am", "--abort")
+        aside = path.with_name(f"{path.name}.unreadable")
+        path.replace(aside)
+        attempts = self.tree.git(
+            "for-each-ref", "--sort=-creatordate", "--format=%(refname)", f"{ATTEMPTS}/"
+        ).split()
+        self.log(
+            f"aborted the am; the run's state was unreadable (kept as {aside}), so the branch "
+            f"and HEAD were left where the am had them (HEAD: {self.tree.head()})"
+            + (f"; the previous tip is {attempts[0]}" if attempts else "")
+        )
+
     # -- helpers ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One kseries rebase per tree at a time; the other is refused, never queued: it must
+        not back up, move or "restore" what the running one is doing."""
+        lock = self.tree.git_path(f"{STATE_DIR}/rebase.lock")
+        with try_exclusive(lock) as mine:
+            if not mine:
+                raise ToolkitError(
+                    f"another kseries rebase is running on {self.tree.path} "
+                    f"(pid {_holder(lock)})",
+                    "wait for it to finish; this run changed nothing",
+                )
+            lock.write_text(f"{os.getpid()}\n")
+            try:
+                yield
+            finally:
+                lock.write_text("")
+
+    def _require_not_checked_out_elsewhere(self, branch: str) -> None:
+        """git refuses `checkout -B` of a branch another worktree has checked out, but only
+        after the backup; refuse before anything is touched, naming that worktree."""
+        ref = f"branch refs/heads/{branch}"
+        for block in self.tree.git("worktree", "list", "--porcelain").split("\n\n"):
+            lines = block.splitlines()
+            if ref in lines and lines[0] != f"worktree {self.tree.path}":
+                other = lines[0].removeprefix("worktree ")
+                raise ToolkitError(
+                    f"{branch} is checked out in another worktree, {other}",
+                    f"check out something else there (git -C {other} switch --detach), "
+                    "then run the rebase again",
+                )
 
     def _fetch(self, remote: str, branch: str) -> str | None:
         """Fetch the base into its remote-tracking ref; return the commit it names."""
@@ -302,12 +386,14 @@ class Rebase:
         self.tree.git("update-ref", ref, tip)
         return ref
 
-    def _record_path(self, branch: str) -> Path:
-        return self.tree.git_path(f"{STATE_DIR}/{branch}.json")
-
     def _recorded_base(self, branch: str) -> str | None:
-        path = self._record_path(branch)
-        return json.loads(path.read_text())["base"] if path.exists() else None
+        """The base the branch's last run recorded; None when unknown (no record, or one that
+        does not parse: the range-diff then falls back to the merge base, and this run
+        writes the record anew)."""
+        try:
+            return records.recorded_base(self.tree, branch)
+        except (OSError, ToolkitError):
+            return None
 
     def _finish(self, state: State, cover: Message, started: float) -> Result:
         """Check what git made, describe the branch, compare with the last attempt."""
@@ -315,7 +401,7 @@ class Rebase:
             "log",
             "--reverse",
             # git's own trailer parser, in the same call: no process per commit
-            "--format=%H%x00%an <%ae>%x00%s%x00%(trailers:only,unfold)%x01",
+            "--format=%H%x00%an%x00%ae%x00%s%x00%(trailers:only,unfold)%x01",
             f"{state.base}..{state.branch}",
         )
         entries = [e.strip("\n").split("\0") for e in log.split("\x01") if e.strip()]
@@ -325,10 +411,10 @@ class Rebase:
                 f"expected {state.patches}",
                 "a patch was skipped or added by hand: invoke rebase --abort and start over",
             )
-        for (sha, author, _, block), patch in zip(entries, self.series.patches, strict=True):
+        for (sha, name, address, _, block), patch in zip(entries, self.series.patches, strict=True):
             trailers.check(
                 [trailers.Trailer.parse(line) for line in block.splitlines() if line.strip()],
-                author=author,
+                author=ident(name, address),  # quoted as a trailer quotes it
                 submitter=self.series.submitter.ident,
                 where=f"{state.branch} {sha[:12]} ({patch.label})",
             )
@@ -350,14 +436,27 @@ class Rebase:
             branch=state.branch,
             base=state.base,
             base_describe=self.tree.git("describe", "--tags", "--always", state.base).strip(),
-            commits=[(sha, subject) for sha, _, subject, _ in entries],
+            commits=[(sha, subject) for sha, _, _, subject, _ in entries],
             seconds=round(time.monotonic() - started, 2),
             backup_ref=state.backup_ref,
             range_diff=range_diff,
         )
-        self._record_path(state.branch).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_atomic(
+            records.branch_record(self.tree, state.branch),
+            json.dumps(asdict(result), indent=2) + "\n",
+        )
         state.clear(self.tree)
         return result
+
+
+def _holder(lock: Path) -> str:
+    """The pid the lock's holder wrote; it writes it right after taking the lock."""
+    for _ in range(20):
+        pid = lock.read_text().strip()
+        if pid:
+            return pid
+        time.sleep(0.025)
+    return "unknown"
 
 
 def summary(result: Result) -> str:

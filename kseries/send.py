@@ -14,30 +14,35 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from email.utils import formataddr, getaddresses
+from email.headerregistry import Address
+from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from kseries import trailers
-from kseries.config import Config
+from kseries import records, trailers
+from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Kind
+from kseries.core.files import output_dir, write_atomic
+from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.series import Series
+from kseries.series import Series, parse_addresses
 
 PLACEHOLDERS = ("*** SUBJECT HERE ***", "*** BLURB HERE ***")
 CHECKPATCH_TOTAL = re.compile(
     r"total: (?P<errors>\d+) errors, (?P<warnings>\d+) warnings, (?:(?P<checks>\d+) checks, )?"
 )
+# In an --out directory: which series' run wrote it, and the files it wrote there.
+STAMP = ".kseries-send.json"
+# Headers we write: 78 columns, non-ASCII as RFC 2047 encoded words (no SMTPUTF8 needed).
+POLICY = email.policy.default
 SENT_RE = re.compile(r"^(?:Dry-)?OK\. Log says:$.*?^Subject: (?P<subject>.*?)$", re.M | re.S)
 
 
@@ -61,6 +66,10 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    warn: bool = False  # passed, with something the sender should read first
+
+
+SUBJECT_LIMIT = 75  # submitting-patches.rst's "70-75 characters" for the summary phrase
 
 
 @dataclass
@@ -94,38 +103,79 @@ class Delivery:
         )
 
 
+SEND = Keys(
+    {
+        "to": STRINGS,
+        "cc": STRINGS,
+        "exclude": STRINGS,
+        "get_maintainer": BOOLEAN,
+        "checkpatch_ignore": STRING_TABLE,  # message type -> why it is ignored
+        "smtp": Keys(
+            {
+                "server": STRING,
+                "port": Kind(
+                    "a port number or name",
+                    lambda v: INTEGER.accepts(v) or isinstance(v, str),
+                    "587",
+                ),
+                "encryption": STRING,
+                "user": STRING,
+            }
+        ),
+    }
+)
+
+
 class SendSettings:
     """The [send] table: recipients, checkpatch exceptions, SMTP (never a password)."""
 
     def __init__(self, config: Config, series: Series) -> None:
-        table = config.table("send")
+        table = config.table("send", SEND)
         self.series = series
-        self.to = [self._address(v, "to") for v in table.get("to", [])]
-        self.cc = [self._address(v, "cc") for v in table.get("cc", [])]
-        self.exclude = {a.lower() for _, a in getaddresses(table.get("exclude", []))}
-        self.get_maintainer = bool(table.get("get_maintainer", True))
+        self.where = config.where.table("send")
+        self.to = [str(self._address(v, "to")) for v in table.get("to", [])]
+        self.cc = [str(self._address(v, "cc")) for v in table.get("cc", [])]
+        self.exclude = {
+            self._address(v, "exclude").addr_spec.lower() for v in table.get("exclude", [])
+        }
+        self.get_maintainer: bool = table.get("get_maintainer", True)
         self.checkpatch_ignore: dict[str, str] = dict(table.get("checkpatch_ignore", {}))
         self.smtp: dict[str, Any] = dict(table.get("smtp", {}))
 
-    def _address(self, value: str, key: str) -> str:
+    def _address(self, value: str, key: str) -> Address:
+        """A person key, or exactly one address: `Bonzini, Paolo <...>` unquoted is two."""
         if value in self.series.people:
-            return self.series.people[value].ident
-        if "@" not in value:
-            raise ToolkitError(
-                f"[send] {key}: {value!r} is neither a person key nor an address",
-                f"use one of {', '.join(sorted(self.series.people))} or user@example.org",
+            person = self.series.people[value]
+            return Address(display_name=person.name, addr_spec=person.email)
+        found = parse_addresses(value) if "@" in value else None
+        if found is None or len(found) != 1:
+            raise self.where.error(
+                key,
+                f"{key}: {value!r} is neither a person key nor one address",
+                f"use one of {', '.join(sorted(self.series.people))} or user@example.org; "
+                'a name with a comma goes in double quotes: "Last, First" <user@example.org>',
             )
-        return value
+        return found[0]
 
 
-def _dedupe(entries: list[str], drop: set[str]) -> list[str]:
-    """Keep the first of each address (case-insensitive), in order, without those in drop."""
+def _dedupe(entries: list[str], drop: set[str], where: str) -> list[str]:
+    """Keep the first of each address (case-insensitive), in order, without those in drop.
+
+    Each comes out as one well-formed "Name <email>", the name quoted if it needs it, so a
+    comma in a name never splits one person into two recipients."""
     seen = set(drop)
     out = []
-    for name, address in getaddresses(entries):
-        if address and address.lower() not in seen:
-            seen.add(address.lower())
-            out.append(formataddr((name, address)) if name else address)
+    for entry in entries:
+        found = parse_addresses(entry)
+        if found is None:
+            raise ToolkitError(
+                f"{where}: recipient {entry!r} is not a well-formed address",
+                "fix it where it comes from: the trailer, [send] or MAINTAINERS",
+            )
+        for address in found:
+            if address.addr_spec.lower() not in seen:
+                seen.add(address.addr_spec.lower())
+                out.append(str(address))
     return out
 
 
@@ -151,16 +201,24 @@ class Postman:
         self.settings = settings
 
     def format(self, out: Path) -> Outbox:
+        """Write the mails into `out`; refuse a branch a stopped rebase has not finished."""
         branch = self.series.branch
+        if records.rebase_state(self.tree).exists():
+            raise ToolkitError(
+                f"{self.tree.path}: a kseries rebase is stopped on a conflict, "
+                f"so {branch} is not finished",
+                "resolve it and run `invoke rebase --continue`, or undo the run with "
+                "`invoke rebase --abort`",
+            )
         if self.tree.rev(f"refs/heads/{branch}") is None:
             raise ToolkitError(f"{self.tree.path}: no branch {branch}", "run `invoke rebase` first")
-        base = self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        base = self._base(branch)
+        out = _claim(out, self.series)
+        # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
+        reroll = [f"-v{self.series.version}"] if self.series.version > 1 else []
         files = self.tree.git(
             "format-patch",
-            f"-v{self.series.version}",
+            *reroll,
             "--cover-letter",
             "--cover-from-description=subject",
             f"--base={base}",
@@ -171,24 +229,36 @@ class Postman:
             str(out),
             f"{base}..{branch}",
             env=self.series.committer_env,  # Message-IDs in the submitter's domain
-        ).split()
+        ).splitlines()
+        _stamp(out, self.series, [Path(name).name for name in files])
         mails = []
         for name in files:
             path = Path(name) if Path(name).is_absolute() else self.tree.path / name
-            headers = email.message_from_string(path.read_text(), policy=email.policy.default)
+            headers = _read_mail(path)
             subject = " ".join(str(headers["Subject"]).split())
             mails.append(Mail(path, subject, str(headers["Message-ID"]).strip("<>")))
         outbox = Outbox(branch, base, out, mails)
         self._address(outbox)
         return outbox
 
+    def _base(self, branch: str) -> str:
+        """The commit the series sits on: the one its last rebase recorded, since the tracking
+        ref may have been force-pushed since (kvm-x86/next is), which moves its merge-base
+        with the branch further back; else, or if the branch was rebuilt by hand since, the
+        merge-base."""
+        recorded = records.recorded_base(self.tree, branch)
+        if recorded and self.tree.try_git("merge-base", "--is-ancestor", recorded, branch)[0] == 0:
+            return recorded
+        return self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
+
     # -- recipients ------------------------------------------------------------------------
 
     def _address(self, outbox: Outbox) -> None:
         """Per-patch To/Cc (trailer people, get_maintainer.pl, config); the cover gets all."""
         me = self.series.submitter.email.lower()
-        to = _dedupe(self.settings.to, self.settings.exclude)
-        drop = {a.lower() for _, a in getaddresses(to)} | self.settings.exclude | {me}
+        to = _dedupe(self.settings.to, self.settings.exclude, "[send] to")
+        addressed = {a.addr_spec.lower() for entry in to for a in parse_addresses(entry) or ()}
+        drop = addressed | self.settings.exclude | {me}
         patches = outbox.mails[1:]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             found = list(pool.map(self._maintainers, patches))
@@ -198,10 +268,10 @@ class Postman:
                 t.value for t in self._trailers(mail.path)[1] if t.key in trailers.IDENTITY_KEYS
             ]
             mail.to = to
-            mail.cc = _dedupe([*people, *maintainers, *self.settings.cc], drop)
+            mail.cc = _dedupe([*people, *maintainers, *self.settings.cc], drop, mail.path.name)
             every += mail.cc
         outbox.mails[0].to = to
-        outbox.mails[0].cc = _dedupe(every, drop)
+        outbox.mails[0].cc = _dedupe(every, drop, outbox.mails[0].path.name)
         for mail in outbox.mails:
             _write_recipients(mail)
 
@@ -211,7 +281,7 @@ class Postman:
         cache = _cache(self.tree, "get_maintainer", _patch_key(mail.path))
         if cache.exists():
             return json.loads(cache.read_text())
-        result = subprocess.run(
+        result = run(
             [
                 "perl",
                 "scripts/get_maintainer.pl",
@@ -221,27 +291,26 @@ class Postman:
                 "--nomultiline",
                 "--separator",
                 "\n",
-                str(mail.path),
+                mail.path,
             ],
             cwd=self.tree.path,
-            capture_output=True,
-            text=True,
             check=False,
         )
-        if result.returncode != 0:
+        if not result.ok:
             raise ToolkitError(
                 f"{self.tree.path}: get_maintainer.pl failed on {mail.path.name}: "
                 f"{result.stderr.strip().splitlines()[-1:]}",
                 "set [send] get_maintainer = false to address the series by config only",
             )
         found = [line.strip() for line in result.stdout.splitlines() if "@" in line]
-        cache.write_text(json.dumps(found))
+        write_atomic(cache, json.dumps(found))
         return found
 
     @staticmethod
     def _trailers(path: Path) -> tuple[str, list[trailers.Trailer]]:
-        """(From author, trailers) of a patch mail, as git mailinfo and interpret-trailers see."""
-        mail = email.message_from_string(path.read_text(), policy=email.policy.default)
+        """(From author, trailers) of a patch mail, as git mailinfo and interpret-trailers see:
+        the From: decoded from RFC 2047, the body from its charset."""
+        mail = _read_mail(path)
         body = mail.get_content().split("\n---\n", 1)[0]
         return str(mail["From"]), trailers.parse(body)
 
@@ -255,6 +324,7 @@ class Postman:
         outbox.checks = [
             self._sender(sending),
             self._numbering(outbox),
+            self._subject_lengths(outbox),
             self._placeholders(outbox),
             self._trailer_rules(patches),
             self._applies(outbox),
@@ -292,6 +362,18 @@ class Postman:
             if not m.subject.startswith(f"[{prefix} {n}/{total}] ")
         ]
         return Check(f"subjects numbered [{prefix} n/{total}]", not wrong, "; ".join(wrong))
+
+    @staticmethod
+    def _subject_lengths(outbox: Outbox) -> Check:
+        """A long summary only warns, as checkpatch's long lines do: a habit, not a fault."""
+        long = [
+            f"{m.path.name}: {len(summary)} characters"
+            for m in outbox.mails
+            if len(summary := m.subject.split("] ", 1)[-1]) > SUBJECT_LIMIT
+        ]
+        return Check(
+            f"subjects at most {SUBJECT_LIMIT} characters", True, "; ".join(long), warn=bool(long)
+        )
 
     @staticmethod
     def _placeholders(outbox: Outbox) -> Check:
@@ -357,14 +439,7 @@ class Postman:
         # /usr/bin first: checkpatch's SPDX check runs `python3` and needs Debian's ply and git
         # modules, which a venv's or pyenv's python3 lacks.
         env = {**os.environ, "PATH": f"/usr/bin:{os.environ.get('PATH', '')}"}
-        result = subprocess.run(
-            [*command, str(mail.path)],
-            env=env,
-            cwd=self.tree.path,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = run([*command, mail.path], env=env, cwd=self.tree.path, check=False)
         totals = CHECKPATCH_TOTAL.search(result.stdout)
         if totals is None:
             raise ToolkitError(
@@ -378,7 +453,7 @@ class Postman:
         ]
         ok = not any(int(totals[k] or 0) for k in ("errors", "warnings", "checks"))
         detail = "" if ok else f"{mail.path.name}: " + " | ".join(problems[:3])
-        cache.write_text(json.dumps([ok, detail]))
+        write_atomic(cache, json.dumps([ok, detail]))
         return ok, detail
 
     def rehearse(self, outbox: Outbox) -> Delivery:
@@ -453,6 +528,65 @@ class PartialSend(ToolkitError):
         self.delivery = delivery
 
 
+def _claim(out: Path, series: Series) -> Path:
+    """Make `out` ready for this series' mails, deleting only the files an earlier run of this
+    series wrote there (its stamp lists them); return it absolute.
+
+    Refused: a file; the project's own patches/, templates/ or configs/, or anything in them;
+    a non-empty directory that no run of this series wrote. The check comes first, so a
+    refusal leaves everything as it was.
+    """
+    out = out.expanduser().resolve()  # from where the user stands, not from the kernel tree
+    for kind, data in (
+        ("patches", series.patches_dir),
+        ("templates", series.templates_dir),
+        ("configs", series.source.parent),
+    ):
+        data = data.resolve()
+        if out == data or data in out.parents:
+            raise ToolkitError(
+                f"--out {out} is inside the series' {kind} directory {data}",
+                "write the mails anywhere else (the default is out/<branch>/ in the project)",
+            )
+    output_dir(out)  # made if missing; a file, or one that cannot be written, is refused
+    earlier = _stamped(out, series) if any(out.iterdir()) else []
+    for path in (out / name for name in earlier):
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    _stamp(out, series, [])  # claimed now, so an interrupted run is still known as ours
+    return out
+
+
+def _stamp(out: Path, series: Series, files: list[str]) -> None:
+    """Record in `out` which series wrote it and which files, for the next run to clear."""
+    write_atomic(out / STAMP, json.dumps({"series": series.name, "files": files}, indent=2) + "\n")
+
+
+def _stamped(out: Path, series: Series) -> list[str]:
+    """The files an earlier run of this series wrote in `out`; refuse a directory it did not."""
+    path = out / STAMP
+    keep = "name an empty or new directory; nothing in this one was touched"
+    if not path.is_file():
+        raise ToolkitError(f"--out {out} is not empty and holds no send-series output", keep)
+    try:
+        stamp = json.loads(path.read_text())
+        owner, files = stamp["series"], stamp["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ToolkitError(f"{path}: damaged, so it is unknown what may go ({e})", keep) from e
+    if owner != series.name:
+        raise ToolkitError(f"--out {out} holds the mails of another series, {owner!r}", keep)
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and f not in ("", ".", "..", STAMP) and Path(f).name == f for f in files
+    ):
+        raise ToolkitError(f"{path}: damaged, its files are not plain file names", keep)
+    return files
+
+
+def _read_mail(path: Path) -> EmailMessage:
+    """A mail file as bytes, so the 8-bit UTF-8 body decodes by its charset, not as ASCII."""
+    return cast(EmailMessage, email.message_from_bytes(path.read_bytes(), policy=POLICY))
+
+
 def _touched(path: Path) -> list[str]:
     """The paths a patch mail reads or writes, from its `diff --git a/X b/Y` lines."""
     return [
@@ -464,18 +598,25 @@ def _touched(path: Path) -> list[str]:
 
 
 def _write_recipients(mail: Mail) -> None:
-    """Put To:/Cc: headers into the file, right after Subject:, replacing any there."""
+    """Put To:/Cc: headers into the file, right after Subject:, replacing any there.
+
+    The email package writes them: names quoted where RFC 5322 needs it, non-ASCII ones as
+    RFC 2047 encoded words, long lists folded; the rest of the file is left byte for byte."""
     head, sep, rest = mail.path.read_text().partition("\n\n")
-    lines = [line for line in head.split("\n") if not line.startswith(("To:", "Cc:"))]
-    at = next(i for i, line in enumerate(lines) if line.startswith("Subject:")) + 1
-    while at < len(lines) and lines[at][:1] in (" ", "\t"):
-        at += 1
+    fields: list[str] = []  # one header each, with its continuation lines
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] += "\n" + line
+        else:
+            fields.append(line)
+    fields = [f for f in fields if not f.lower().startswith(("to:", "cc:"))]
+    at = next(i for i, f in enumerate(fields) if f.lower().startswith("subject:")) + 1
     extra = [
-        f"{key}: {', '.join(values)}"
+        POLICY.header_factory(key, ", ".join(values)).fold(policy=POLICY).rstrip("\n")
         for key, values in (("To", mail.to), ("Cc", mail.cc))
         if values
     ]
-    mail.path.write_text("\n".join(lines[:at] + extra + lines[at:]) + sep + rest)
+    mail.path.write_text("\n".join(fields[:at] + extra + fields[at:]) + sep + rest)
 
 
 def report(outbox: Outbox) -> Group:
@@ -494,6 +635,12 @@ def report(outbox: Outbox) -> Group:
         recipients.append(f"{' ' * len(str(n) + str(total))}  Cc: {', '.join(mail.cc)}\n")
     checks = Table(title="pre-send checks", title_justify="left", show_header=False)
     for check in outbox.checks:
-        mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
+        mark = (
+            "[red]FAIL[/red]"
+            if not check.ok
+            else "[yellow]warn[/yellow]"
+            if check.warn
+            else "[green]ok[/green]"
+        )
         checks.add_row(mark, check.name, escape(check.detail))
     return Group(mails, recipients, checks)

@@ -8,16 +8,34 @@ later stage relies on, so a bad definition fails before git is touched.
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass, field
+from email.errors import ObsoleteHeaderDefect
+from email.headerregistry import Address, HeaderRegistry
 from pathlib import Path
 from typing import Any
 
-from kseries.config import Config
+from kseries.config import (
+    ANY_TABLE,
+    DATE,
+    INTEGER,
+    STRING,
+    STRINGS,
+    Config,
+    Keys,
+    Kind,
+    Names,
+    Rows,
+    Where,
+)
+from kseries.core.files import write_atomic
+from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 
-IDENT_RE = re.compile(r"^(?P<name>[^<>@\s][^<>@]*?) <(?P<email>[^<>\s@]+@[^<>\s@]+\.[^<>\s@]+)>$")
+# A plain dot-atom address (no quoted local part), and a name with no <, > or @ in it.
+EMAIL_RE = re.compile(r"^[\w!#$%&'*+/=?^`{|}~.-]+@[\w-]+(?:\.[\w-]+)+$", re.ASCII)
+NAME_RE = re.compile(r"^[^<>@\s](?:[^<>@\x00-\x1f\x7f]*[^<>@\s])?$")
+_HEADERS = HeaderRegistry()
 PERSON_FIELDS = ("suggested_by", "reported_by", "acked_by", "reviewed_by", "tested_by")
 
 
@@ -29,8 +47,38 @@ class Person:
 
     @property
     def ident(self) -> str:
-        """The "Name <email>" form trailers and From: lines use."""
-        return f"{self.name} <{self.email}>"
+        """The "Name <email>" form trailers and From: lines use (see `ident`)."""
+        return ident(self.name, self.email)
+
+
+def ident(name: str, email: str) -> str:
+    """The "Name <email>" of trailers and From: lines, the name quoted only where RFC 5322
+    needs it (a comma, a dot, a quote) so git and mail readers see one address; non-ASCII
+    stays plain UTF-8, as kernel trailers write it (mail headers encode it as they are written)."""
+    return str(Address(display_name=name, addr_spec=email))
+
+
+def parse_addresses(value: str) -> list[Address] | None:
+    """The addresses in `value`, read as a To: header reads them; None if any is malformed.
+
+    Obsolete syntax passes: people write `H. Peter Anvin <hpa@zytor.com>` unquoted, and it
+    still means one person. An unquoted comma does not: `Bonzini, Paolo <...>` is two.
+    """
+    header = _HEADERS("To", value)
+    if any(not isinstance(d, ObsoleteHeaderDefect) for d in header.defects):
+        return None
+    found = list(header.addresses)
+    if not found or not all(EMAIL_RE.match(a.addr_spec) for a in found):
+        return None
+    return found
+
+
+def parse_ident(value: str) -> Address | None:
+    """The one named address `value` holds ("Name <email>"), or None if it holds anything else."""
+    found = parse_addresses(value)
+    if found is None or len(found) != 1 or not found[0].display_name:
+        return None
+    return found[0]
 
 
 @dataclass(frozen=True)
@@ -98,42 +146,75 @@ class Series:
         return "PATCH" if self.version == 1 else f"PATCH v{self.version}"
 
 
+SERIES = Keys(
+    {
+        "name": STRING,
+        "version": Kind("a positive integer", lambda v: INTEGER.accepts(v) and v >= 1, "2"),
+        "submitter": STRING,
+        "cover_template": STRING,
+        "patches_dir": STRING,
+        "templates_dir": STRING,
+        "facts": ANY_TABLE,  # free-form, for the templates: series.facts.v1_link
+    }
+)
+BASE = Keys({"remote": STRING, "url": STRING, "branch": STRING})
+PEOPLE = Names(Keys({"name": STRING, "email": STRING}))
+PATCHES = Rows(
+    Keys(
+        {
+            "diff": STRING,
+            "template": STRING,
+            "author": STRING,
+            "date": DATE,
+            "co_developers": STRINGS,
+            **dict.fromkeys(PERSON_FIELDS, STRINGS),
+            "links": STRINGS,
+            "extra_trailers": STRINGS,
+        }
+    )
+)
+
+
 class _Reader:
-    """Reads one series.toml table by table, so every error names the file and key."""
+    """Reads the series tables against their schemas, so every error names the file it
+    came from (series.toml or local.toml), the table and the key."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.source = config.directory / "series.toml"
+        self.top = config.where
 
-    def fail(self, where: str, problem: str, hint: str) -> ToolkitError:
-        return ToolkitError(f"{self.source}: {where}: {problem}", hint)
+    def fail(self, where: Where, key: str | None, problem: str, hint: str) -> ToolkitError:
+        """`FILE: [table] key: problem`, FILE being the one `key` (or the table) came from."""
+        named = f"{where.label} {key}" if key else where.label
+        return ToolkitError(f"{where.file(key)}: {named}: {problem}", hint)
 
-    def string(self, table: dict[str, Any], key: str, where: str) -> str:
+    def required(self, where: Where, table: dict[str, Any], key: str) -> Any:
+        """A setting a later stage cannot do without (its type the schema checked)."""
         value = table.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(where, f"'{key}' must be a non-empty string", f'set {key} = "..."')
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise self.fail(where, key, "is not set", f"set {key} in {where.label}")
         return value
 
     def people(self) -> dict[str, Person]:
         people: dict[str, Person] = {}
         seen: dict[str, str] = {}
-        for key, entry in self.config.table("people").items():
-            where = f"[people.{key}]"
-            if not isinstance(entry, dict):
-                raise self.fail(where, "must be a table", 'name = "..." and email = "..."')
+        for key, entry in self.config.table("people", PEOPLE).items():
+            where = self.top.table("people").table(key)
             person = Person(
-                key, self.string(entry, "name", where), self.string(entry, "email", where)
+                key, self.required(where, entry, "name"), self.required(where, entry, "email")
             )
-            if not IDENT_RE.match(person.ident):
+            if not (NAME_RE.match(person.name) and EMAIL_RE.match(person.email)):
                 raise self.fail(
                     where,
-                    f"'{person.ident}' is not a well-formed identity",
+                    None,
+                    f"'{person.name} <{person.email}>' is not a well-formed identity",
                     "use a real name (no <, > or @) and an address like user@example.org",
                 )
             address = person.email.lower()
             if address in seen:
                 raise self.fail(
                     where,
+                    None,
                     f"{person.email} is also [people.{seen[address]}]",
                     "list each person once and refer to them by key",
                 )
@@ -141,48 +222,38 @@ class _Reader:
             people[key] = person
         return people
 
-    def person(self, people: dict[str, Person], key: Any, where: str) -> Person:
-        if not isinstance(key, str) or key not in people:
+    def person(self, people: dict[str, Person], key: str, where: Where, field: str) -> Person:
+        if key not in people:
             raise self.fail(
                 where,
+                field,
                 f"unknown person {key!r}",
                 f"add [people.{key}] or use one of: {', '.join(sorted(people))}",
             )
         return people[key]
 
     def persons(
-        self, people: dict[str, Person], table: dict[str, Any], key: str, where: str
+        self, people: dict[str, Person], table: dict[str, Any], key: str, where: Where
     ) -> tuple[Person, ...]:
-        values = table.get(key, [])
-        if isinstance(values, str):
-            values = [values]
-        return tuple(self.person(people, v, f"{where} {key}") for v in values)
-
-    def strings(self, table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
-        values = table.get(key, [])
-        if isinstance(values, str):
-            values = [values]
-        if not all(isinstance(v, str) for v in values):
-            raise self.fail(where, f"'{key}' must be a list of strings", f'{key} = ["..."]')
-        return tuple(values)
+        return tuple(self.person(people, v, where, key) for v in table.get(key, []))
 
     def patch(
         self, number: int, table: dict[str, Any], people: dict[str, Person], patches_dir: Path
     ) -> Patch:
-        where = f"[[patch]] #{number}"
-        diff = patches_dir / self.string(table, "diff", where)
+        where = self.top.row("patch", number - 1)
+        diff = patches_dir / self.required(where, table, "diff")
         if not diff.is_file():
             raise self.fail(
-                where, f"diff file {diff} does not exist", "run `invoke export` or fix 'diff'"
+                where, None, f"diff file {diff} does not exist", "run `invoke export` or fix 'diff'"
             )
         return Patch(
             number=number,
-            template=self.string(table, "template", where),
+            template=self.required(where, table, "template"),
             diff=diff,
-            author=self.person(people, table.get("author"), f"{where} author"),
+            author=self.person(people, self.required(where, table, "author"), where, "author"),
             co_developers=self.persons(people, table, "co_developers", where),
-            links=self.strings(table, "links", where),
-            extra_trailers=self.strings(table, "extra_trailers", where),
+            links=tuple(table.get("links", ())),
+            extra_trailers=tuple(table.get("extra_trailers", ())),
             date=table.get("date"),
             **{name: self.persons(people, table, name, where) for name in PERSON_FIELDS},
         )
@@ -193,36 +264,38 @@ def load(config: Config | None = None) -> Series:
     config = config or Config.load()
     reader = _Reader(config)
     people = reader.people()
-    info = config.table("series")
-    base = config.table("base")
+    info = config.table("series", SERIES)
+    base = config.table("base", BASE)
+    entries = config.table("patch", PATCHES)
     patches_dir = config.path("series.patches_dir") or config.directory.parent / "patches"
     templates_dir = config.path("series.templates_dir") or config.directory.parent / "templates"
-    version = info.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise reader.fail(
-            "[series]", f"version must be a positive integer, not {version!r}", "version = 2"
-        )
-    entries = config.data.get("patch", [])
     if not entries:
-        raise reader.fail("[[patch]]", "the series has no patches", "add a [[patch]] table")
+        raise reader.fail(
+            reader.top.rows("patch"),
+            None,
+            "the series has no patches",
+            "add a [[patch]] table",
+        )
+    top = reader.top.table("series")
+    on = reader.top.table("base")
     series = Series(
-        name=reader.string(info, "name", "[series]"),
-        version=version,
-        submitter=reader.person(people, info.get("submitter"), "[series] submitter"),
+        name=reader.required(top, info, "name"),
+        version=reader.required(top, info, "version"),
+        submitter=reader.person(people, reader.required(top, info, "submitter"), top, "submitter"),
         base=Base(
-            remote=reader.string(base, "remote", "[base]"),
-            url=reader.string(base, "url", "[base]"),
-            branch=reader.string(base, "branch", "[base]"),
+            remote=reader.required(on, base, "remote"),
+            url=reader.required(on, base, "url"),
+            branch=reader.required(on, base, "branch"),
         ),
         patches=tuple(
             reader.patch(n, entry, people, patches_dir) for n, entry in enumerate(entries, start=1)
         ),
         people=people,
-        cover_template=reader.string(info, "cover_template", "[series]"),
+        cover_template=reader.required(top, info, "cover_template"),
         templates_dir=templates_dir,
         patches_dir=patches_dir,
-        source=reader.source,
-        facts={k: v for k, v in info.items() if k not in {"name", "version", "submitter"}},
+        source=config.directory / "series.toml",
+        facts=info.get("facts", {}),
     )
     check_diffs([patch.diff for patch in series.patches])
     return series
@@ -235,24 +308,19 @@ def check_diffs(paths: list[Path]) -> None:
     """
     every = _numstat(paths)
     # each diff touches at least one file, so fewer numstat lines than files means an empty one
-    if every.returncode == 0 and len(every.stdout.splitlines()) >= len(paths):
+    if every.ok and len(every.stdout.splitlines()) >= len(paths):
         return
     for path in paths:
         _check_one(path)
 
 
-def _numstat(paths: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["git", "apply", "--numstat", *map(str, paths)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def _numstat(paths: list[Path]) -> Ran:
+    return run(["git", "apply", "--numstat", *paths], check=False)
 
 
 def _check_one(path: Path) -> None:
     result = _numstat([path])
-    if result.returncode != 0 or not result.stdout.strip():
+    if not result.ok or not result.stdout.strip():
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no diff"
         raise ToolkitError(
             f"{path}: not a valid patch: {detail}",
@@ -260,11 +328,20 @@ def _check_one(path: Path) -> None:
         )
 
 
-def export(tree: WorkTree, series: Series, ref: str, base: str) -> list[Path]:
+@dataclass(frozen=True)
+class Exported:
+    """What `export` did: the diff files it rewrote, and the commits it read, in series order."""
+
+    changed: list[Path]
+    commits: list[str]
+
+
+def export(tree: WorkTree, series: Series, ref: str, base: str) -> Exported:
     """Write the diffs of base..ref back into patches/, so hand-resolved work becomes the data.
 
-    Returns the diff files whose content changed. Commit messages are not exported: they
-    come from templates/, and a message edited in git is reported, not silently kept.
+    Commit messages are not exported: they come from templates/, so the caller compares the
+    returned commits' messages with the rendered ones and reports an edit
+    (`Changelog.edits`), rather than keeping it silently or dropping it silently.
     """
     commits = tree.git("rev-list", "--reverse", f"{base}..{ref}").split()
     if len(commits) != len(series.patches):
@@ -279,9 +356,9 @@ def export(tree: WorkTree, series: Series, ref: str, base: str) -> list[Path]:
             *DIFF_OPTIONS, "show", "--format=", "--no-color", "--no-ext-diff", "--patch", sha
         )
         if not patch.diff.exists() or patch.diff.read_text() != diff:
-            patch.diff.write_text(diff)
+            write_atomic(patch.diff, diff)
             changed.append(patch.diff)
-    return changed
+    return Exported(changed, commits)
 
 
 # Diffs stay in one shape whatever the user's git config says about prefixes.

@@ -8,12 +8,12 @@ hand-edited commit is held to the same standard.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kseries.core.run import run
 from kseries.errors import ToolkitError
-from kseries.series import IDENT_RE, Patch, Person
+from kseries.series import Patch, Person, parse_ident
 
 SOB = "Signed-off-by"
 CODEV = "Co-developed-by"
@@ -76,22 +76,33 @@ def generate(patch: Patch, submitter: Person) -> list[Trailer]:
     return trailers
 
 
+def who(value: str) -> str:
+    """One person however `value` quotes the name or cases the address, for comparing:
+    `H. Peter Anvin <hpa@zytor.com>` and `"H. Peter Anvin" <HPA@zytor.com>` are the same."""
+    address = parse_ident(value)
+    return str(address).lower() if address else value.lower()
+
+
 def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: str) -> None:
-    """Raise TrailerRuleError for the first rule `trailers` breaks; `where` names the patch."""
+    """Raise TrailerRuleError for the first rule `trailers` breaks; `where` names the patch.
+
+    `author` and `submitter` are "Name <email>"; people compare by `who`, so a From: header
+    decoded from RFC 2047 and a plain UTF-8 trailer name the same person."""
     seen: set[tuple[str, str]] = set()
     for index, trailer in enumerate(trailers):
-        identity = (trailer.key.lower(), trailer.value.lower())
+        person = trailer.key in IDENTITY_KEYS
+        identity = (trailer.key.lower(), who(trailer.value) if person else trailer.value.lower())
         if identity in seen:
             raise TrailerRuleError(
                 where, trailer, "no duplicate trailers", "list each person or link once per patch"
             )
         seen.add(identity)
-        if trailer.key in IDENTITY_KEYS and not IDENT_RE.match(trailer.value):
+        if person and parse_ident(trailer.value) is None:
             raise TrailerRuleError(
                 where,
                 trailer,
                 "names and emails are well-formed",
-                "use 'Full Name <user@example.org>'",
+                "use 'Full Name <user@example.org>', the name in double quotes if it has a comma",
             )
         if trailer.key in URL_KEYS and not URL_RE.match(trailer.value):
             raise TrailerRuleError(
@@ -101,7 +112,7 @@ def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: st
                 "use https://lore.kernel.org/<message-id>",
             )
         if trailer.key == CODEV:
-            if trailer.value.lower() == author.lower():
+            if who(trailer.value) == who(author):
                 raise TrailerRuleError(
                     where,
                     trailer,
@@ -109,22 +120,22 @@ def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: st
                     "drop the author from co_developers",
                 )
             following = trailers[index + 1] if index + 1 < len(trailers) else None
-            if following != Trailer(SOB, trailer.value):
+            if following is None or (following.key, who(following.value)) != (SOB, identity[1]):
                 raise TrailerRuleError(
                     where,
                     trailer,
                     "every Co-developed-by is immediately followed by that person's Signed-off-by",
                     f"put '{SOB}: {trailer.value}' right after it",
                 )
-    signoffs = [t.value.lower() for t in trailers if t.key == SOB]
-    if author.lower() not in signoffs:
+    signoffs = [who(t.value) for t in trailers if t.key == SOB]
+    if who(author) not in signoffs:
         raise TrailerRuleError(
             where,
             f"From: {author}",
             "the From author has a Signed-off-by",
             "the author must certify the DCO",
         )
-    if not signoffs or signoffs[-1] != submitter.lower():
+    if not signoffs or signoffs[-1] != who(submitter):
         raise TrailerRuleError(
             where,
             f"{SOB}: {submitter}",
@@ -135,11 +146,8 @@ def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: st
 
 def parse(message: str) -> list[Trailer]:
     """The trailers git itself sees in a commit message (`git interpret-trailers --parse`)."""
-    result = subprocess.run(
+    result = run(
         ["git", "-c", "trailer.separators=:", "interpret-trailers", "--parse", "--no-divider"],
         input=message,
-        capture_output=True,
-        text=True,
-        check=True,
     )
     return [Trailer.parse(line) for line in result.stdout.splitlines() if line.strip()]

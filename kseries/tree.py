@@ -15,7 +15,6 @@ import gzip
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,11 +24,14 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kseries.config import Config
+from kseries.config import STRING, Config, Keys
+from kseries.core import run as door
 from kseries.core.files import exclusive
+from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
+from kseries.series import BASE
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 APT_ETC = Path("/etc/apt")
@@ -59,6 +61,9 @@ IDENTITY = ("kseries default tree", "kseries@localhost")
 FALLBACK_DATE = "1767225600 +0000"  # 2026-01-01, if the package carries no Debian changelog
 GIT_CONFIG = ("-c", "core.autocrlf=false", "-c", "gc.auto=0", "-c", "maintenance.auto=false")
 MIN_FREE_BYTES = 4 << 30  # .deb, extracted .deb, 1.8 GB source and its packed git objects
+
+TREE = Keys({"path": STRING})  # empty: the default tree
+DEFAULT_TREE = Keys({"package": STRING, "suite": STRING, "mirror": STRING})
 
 
 @dataclass(frozen=True)
@@ -132,17 +137,20 @@ def open_tree(config: Config, override: str = "", log: Callable[[str], None] = p
 
     Only the last case touches the network or the cache; a configured tree is used as it is.
     """
+    # both checked even when unused, so a typo there does not wait for the day it matters
+    config.table("tree", TREE)
+    default_tree = config.table("default_tree", DEFAULT_TREE)
     if override:
         return WorkTree(Path(override))
     configured = config.path("tree.path")
     if configured is not None:
         return WorkTree(configured)
-    settings = {k: v for k, v in config.table("default_tree").items() if v != ""}
+    base = config.table("base", BASE)
     return WorkTree(
         prepare_default_tree(
-            **settings,
-            remote=config.table("base")["remote"],
-            branch=config.table("base")["branch"],
+            **{k: v for k, v in default_tree.items() if v != ""},
+            remote=base.get("remote") or "kvm-x86",
+            branch=base.get("branch") or "next",
             log=log,
         ).path
     )
@@ -493,22 +501,26 @@ def run(
     hint: str = "",
     what: str = "",
 ) -> str:
-    """Run `cmd`; its stdout, or a ToolkitError with the last lines of its stderr.
-
-    `what` names the command in the message (default: its first two words).
-    """
-    status, out, err = _try(cmd, cwd=cwd, env=env)
-    if status != 0:
-        lines = [line.strip() for line in (err or out).splitlines() if line.strip()]
-        tail = "; ".join(lines[-3:]) or "no output"
-        what = what or " ".join(cmd[:2])
-        raise ToolkitError(f"{what} failed (exit {status}): {tail}", hint)
-    return out
+    """Run `cmd` through the door (hermetic when it is git, see _try); its stdout."""
+    return _run(cmd, cwd=cwd, env=env, hint=hint, what=what).stdout
 
 
 def _try(
     cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
 ) -> tuple[int, str, str]:
+    done = _run(cmd, cwd=cwd, env=env, check=False)
+    return done.status, done.stdout, done.stderr
+
+
+def _run(
+    cmd: Sequence[str],
+    *,
+    cwd: Path | None,
+    env: Mapping[str, str] | None,
+    check: bool = True,
+    hint: str = "",
+    what: str = "",
+) -> Ran:
     full_env = {**os.environ, **(env or {})}
     if cmd and cmd[0] == "git":
         # Hermetic git: no user or system config (hooks, signing, autocrlf) can change the sha.
@@ -516,21 +528,14 @@ def _try(
             GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0"
         )
         cmd = ["git", *GIT_CONFIG, *cmd[1:]]
-    try:
-        done = subprocess.run(
-            list(cmd),
-            cwd=cwd,
-            env=full_env,
-            check=False,
-            capture_output=True,
-            text=True,
-            errors="replace",
-        )
-    except FileNotFoundError as e:
-        if cwd is not None and not Path(cwd).is_dir():  # the same exception names a missing cwd
-            raise ToolkitError(f"{cwd} does not exist", f"create it before `{cmd[0]}` runs") from e
-        raise ToolkitError(f"{cmd[0]} is not installed", INSTALL_HINT) from e
-    return done.returncode, done.stdout, done.stderr
+    return door.run(
+        cmd,
+        cwd=cwd,
+        env=full_env,
+        check=check,
+        what=what or " ".join(cmd[:2]),
+        **({"hint": hint} if hint else {}),
+    )
 
 
 def git(cwd: Path, *args: str, env: Mapping[str, str] | None = None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import textwrap
@@ -12,6 +14,7 @@ import pytest
 
 from kseries.config import Config
 from kseries.gitrepo import WorkTree
+from kseries.paths import PROJECT
 from kseries.series import Series, load
 
 ENV = {
@@ -113,6 +116,48 @@ class Project:
             run("status", "--porcelain"),
             run("config", "--get-regexp", r"^branch\."),
         )
+
+
+INVOKE = str(PROJECT / ".venv/bin/invoke")
+
+
+def invoke(
+    project: Project | None, *args: str, read_only: Path | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A real `invoke` process, stdin closed, run in `cwd`; with `read_only`, that directory is
+    mounted read-only for it alone (a private mount namespace: unshare -m, as root here)."""
+    env = {**os.environ}
+    if project is not None:
+        env["KSERIES_CONFIG_DIR"] = str(project.configs)
+    command = [INVOKE, "-r", str(PROJECT), *args]
+    if read_only is not None:
+        ro = shlex.quote(str(read_only))
+        command = [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} {ro} && exec "
+            + shlex.join(command),
+        ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def one_error(done: subprocess.CompletedProcess[str], message: str, hint: str = "") -> None:
+    """Exit status 1, no traceback: the line `error: message`, then one starting `hint: hint`."""
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"error: {message}", lines
+    assert lines[1].startswith(f"hint: {hint}"), lines
 
 
 def make_diff(base_text: str, new_text: str, workdir: Path) -> str:

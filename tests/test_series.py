@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from kseries.changelog import Changelog
@@ -10,7 +12,7 @@ from kseries.errors import ToolkitError
 from kseries.rebase import Rebase
 from kseries.series import load
 from kseries.trailers import TrailerRuleError
-from tests.conftest import Project
+from tests.conftest import Project, git, invoke, one_error
 
 
 def edit(project: Project, old: str, new: str) -> None:
@@ -115,10 +117,106 @@ def test_template_syntax_error_names_file_and_line(project: Project) -> None:
 
 def test_template_without_body_is_refused(project: Project) -> None:
     (project.root / "templates" / "0001.j2").write_text("demo: subject only\n")
-    refused_before_git(project, "renders no subject or no body")
+    refused_before_git(project, "renders no body")
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    ["{{ series.facts.get('prefix', '') }}", "{% if false %}demo: subject{% endif %}", ""],
+)
+def test_template_whose_subject_renders_empty_is_refused(project: Project, first_line: str):
+    (project.root / "templates" / "0002.j2").write_text(
+        f"{first_line}\nAnd line 30 too.\n\nA second paragraph.\n"
+    )
+    refused_before_git(project, r"templates/0002.j2:1: the subject renders empty")
+
+
+def test_subject_made_by_a_block_on_line_one_renders_as_written(project: Project) -> None:
+    (project.root / "templates" / "0002.j2").write_text(
+        "{% if true %}demo: Change line 30{% endif %}\n\n"
+        "{% for n in [1, 2] %}\nline {{ n }}\n{% endfor %}\n"
+    )
+    series = project.series()
+    message = Changelog(series).message(series.patches[1])
+    assert (message.subject, message.body) == ("demo: Change line 30", "line 1\nline 2")
 
 
 def test_local_toml_overrides_tracked_settings(project: Project) -> None:
     (project.configs / "local.toml").write_text("[series]\nversion = 3\n")
     assert project.series().branch == "demo-v3"
     assert project.series().subject_prefix == "PATCH v3"
+
+
+def test_comma_quote_and_non_ascii_names_are_one_person_each_in_git(project: Project) -> None:
+    edit(project, 'name = "Ann Author"', 'name = "Bonzini, Paolo"')
+    edit(project, 'name = "Max Maintainer"', 'name = "Jörg Rödel"')
+    edit(project, 'name = "Sam Submitter"', 'name = "Sam \\"the Sub\\" Submitter"')
+    Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    tree = project.worktree()
+    assert tree.git("log", "-1", "--format=%an <%ae>", "demo-v2~1") == (
+        "Bonzini, Paolo <ann@example.org>\n"
+    )
+    # kernel convention: a comma name in RFC 5322 quotes, a non-ASCII one plain UTF-8
+    assert tree.git("log", "-1", "--format=%(trailers)", "demo-v2~1").strip() == (
+        "Suggested-by: Jörg Rödel <max@example.org>\n"
+        "Link: https://lore.kernel.org/all/abc@example.org\n"
+        'Signed-off-by: "Bonzini, Paolo" <ann@example.org>\n'
+        'Co-developed-by: "Sam \\"the Sub\\" Submitter" <sam@example.org>\n'
+        'Signed-off-by: "Sam \\"the Sub\\" Submitter" <sam@example.org>'
+    )
+
+
+def test_an_unquoted_comma_trailer_is_refused_as_two_addresses(project: Project) -> None:
+    edit(
+        project,
+        'author = "sub"',
+        'author = "sub"\nextra_trailers = ["Acked-by: Bonzini, Paolo <pbonzini@redhat.com>"]',
+    )
+    refused_before_git(project, r"'Acked-by: Bonzini, Paolo <pbonzini@redhat.com>' breaks the rule")
+
+
+def export(project: Project) -> subprocess.CompletedProcess[str]:
+    return invoke(project, "export", "--tree", str(project.tree))
+
+
+def test_export_of_an_untouched_branch_reports_no_edit(project: Project) -> None:
+    Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    done = export(project)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "patches/ already matches demo-v2\n"
+
+
+def test_export_reports_a_message_edited_on_the_branch(project: Project) -> None:
+    Rebase(project.worktree(), project.series(), log=lambda _: None).start(
+        remote="kvm-x86", branch="next"
+    )
+    message = git(project.tree, "log", "-1", "--format=%B")
+    edited = message.replace("And line 30 too.", "And line 30 too, as review asked.")
+    (project.root / "message").write_text(edited)
+    git(project.tree, "commit", "-q", "--amend", "-F", str(project.root / "message"))
+    templates = {p: p.read_bytes() for p in (project.root / "templates").iterdir()}
+    done = export(project)
+    template = project.root / "templates" / "0002.j2"
+    one_error(
+        done,
+        "demo-v2: the commit message of patch 2 (0002.diff) was edited and is not exported; "
+        f"change {template} instead",
+        "the diff above goes from the rendered message to the branch's",
+    )
+    assert done.stdout.splitlines() == [
+        "patches/ already matches demo-v2",  # the diffs are exported all the same
+        f"--- {template} (rendered)",
+        f"+++ {git(project.tree, 'rev-parse', '--short=12', 'HEAD').strip()} (patch 2 (0002.diff))",
+        "@@ -1,5 +1,5 @@",
+        " demo: Change line 30",
+        " ",
+        "-And line 30 too.",
+        "+And line 30 too, as review asked.",
+        " ",
+        " Signed-off-by: Sam Submitter <sam@example.org>",
+    ]
+    assert {p: p.read_bytes() for p in (project.root / "templates").iterdir()} == templates

@@ -130,6 +130,7 @@ def build_test_kernels() -> Kernels:
 TESTBOXES = """
 [testbox]
 default = "e2e"
+keep_warm = true  # the tests below go on with the boxes an earlier one started
 
 [box.e2e]
 method = "kexec"
@@ -354,6 +355,30 @@ def test_two_boxes_run_in_parallel(lab: Lab, kernels: Kernels) -> None:
     assert local.down(lab.settings.box("e2e-second"), log=lambda _: None)
 
 
+def test_boxes_the_run_started_are_stopped_at_its_end(lab: Lab, kernels: Kernels) -> None:
+    """Without keep_warm the run stops the box it started (e2e-second) and names the one that
+    was running before it (e2e), with the command that stops it."""
+    second = lab.settings.box("e2e-second")
+    assert not local.status(second, log=lambda _: None).running
+    lines: list[str] = []
+    runs, _ = session.test_remote(
+        lab.config,
+        boxes=["e2e", "e2e-second"],
+        kernel_spec=str(kernels.b),
+        tests=["smoke"],
+        out=str(lab.out / "stopped"),
+        keep_warm=False,
+        log=lines.append,
+    )
+    assert [r.verdict for r in runs] == ["pass", "pass"]
+    assert not local.status(second, log=lambda _: None).running
+    assert local.status(lab.settings.box("e2e"), log=lambda _: None).running
+    assert (
+        "box e2e is still running (it was running before this run): "
+        "stop it with `invoke testbox.down --box e2e`"
+    ) in lines
+
+
 def test_down_stops_the_box_by_its_pid(lab: Lab) -> None:
     box = lab.settings.box("e2e")
     pid = local.status(box, log=lambda _: None).pid
@@ -363,3 +388,49 @@ def test_down_stops_the_box_by_its_pid(lab: Lab) -> None:
     )
     assert not local.status(box, log=lambda _: None).running
     assert not local.down(box, log=lambda _: None)
+
+
+PARALLEL_BOXES = """
+[testbox]
+default = "p1"
+""" + "".join(
+    f"""
+[box.p{n}]
+method = "qemu"
+cmdline = "console=ttyS0 panic=-1"
+qemu = {{ cpu = "max", memory = "256M" }}
+timeouts = {{ connect = 10, boot = 150, test = 60 }}
+"""
+    for n in (1, 2, 3)
+)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_boxes_started_at_once_from_an_empty_cache(
+    kernels: Kernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """What a fresh machine's first `invoke pipeline` does: boxes starting in parallel, each
+    needing the shared host and client keys and initramfs that nobody has made yet."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copyfile(PROJECT / "configs" / "series.toml", configs / "series.toml")
+    (configs / "testboxes.toml").write_text(PARALLEL_BOXES)
+    settings = TestboxConfig.load(Config.load(configs))
+    names = [f"p{n}" for n in range(1, count + 1)]
+    for round_ in range(10):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"cache-{round_}"))
+        boxes = [settings.box(name) for name in names]
+        try:
+            with ThreadPoolExecutor(len(boxes)) as pool:
+                futures = [
+                    pool.submit(local.up, box, kernel_spec=str(kernels.a), log=lambda _: None)
+                    for box in boxes
+                ]
+                statuses = [f.result() for f in futures]
+        finally:
+            for box in boxes:
+                local.down(box, log=lambda _: None)
+        a = kernel.load(str(kernels.a))
+        assert all(s.running and a.matches(s.proc_version) for s in statuses), round_

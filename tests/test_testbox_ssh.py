@@ -1,7 +1,7 @@
 """The SSH layer against real servers on 127.0.0.1: OpenSSH's sshd and dropbear (the box's).
 
 Nothing is mocked. Faults (a dropped connection, corrupted bytes) are injected by the server's
-forced command; see test_testbox_support.py.
+forced command; see boxsupport.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kseries.testbox.ssh import (
     Unreachable,
     UploadError,
 )
-from tests.test_testbox_support import (
+from tests.boxsupport import (
     BlackHole,
     Server,
     free_port,

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kseries.errors import ToolkitError
+
 Log = Callable[[str], None]
 
 
@@ -78,3 +80,19 @@ def remove_stale(directory: Path) -> None:
     for stale in directory.glob(".*.partial"):
         if stale.is_file() or stale.is_symlink():
             stale.unlink(missing_ok=True)
+
+
+def output_dir(path: Path, option: str = "--out") -> Path:
+    """A task's output directory, checked before any work is done: made if missing, refused
+    (naming the option) if it is a file or cannot be written."""
+    path = path.expanduser()
+    hint = "pass a writable directory (it is made if missing)"
+    if path.exists() and not path.is_dir():
+        raise ToolkitError(f"{option} {path} is a file, not a directory", hint)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ToolkitError(f"{option} {path} cannot be made: {e.strerror}", hint) from None
+    if not os.access(path, os.W_OK | os.X_OK):  # also EROFS for root on a read-only mount
+        raise ToolkitError(f"{option} {path} is not writable", hint)
+    return path

@@ -82,9 +82,14 @@ class CommandFailed(ToolkitError):
     """A command exited non-zero; `status` and `stderr` stay available to callers that care."""
 
     def __init__(self, ran: Ran, what: str, hint: str) -> None:
-        tail = "; ".join(ran.stderr.strip().splitlines()[-3:]) or f"exit status {ran.status}"
-        super().__init__(f"{what} failed (exit status {ran.status}): {tail}", hint)
+        lines = [line.strip() for line in (ran.stderr or ran.stdout).splitlines() if line.strip()]
+        tail = "; ".join(lines[-3:]) or "no output"
+        super().__init__(f"{what} failed (exit {ran.status}): {tail}", hint)
         self.ran = ran
+
+
+class CommandTimedOut(ToolkitError):
+    """A command ran past its timeout and was killed."""
 
 
 def describe(argv: Sequence[str | os.PathLike[str]], words: int = 3) -> str:
@@ -140,7 +145,7 @@ def run(
     except PermissionError as e:
         raise ToolkitError(f"{what}: {argv[0]} is not executable", "check its mode") from e
     except subprocess.TimeoutExpired as e:
-        raise ToolkitError(
+        raise CommandTimedOut(
             f"{what} did not finish in {timeout:g} s and was stopped", "run it by hand to see why"
         ) from e
     ran = Ran(tuple(argv), done.returncode, _text(done.stdout), _text(done.stderr))

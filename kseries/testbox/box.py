@@ -13,32 +13,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kseries.config import Config, check_keys, merge, read_toml
+from kseries.config import (
+    BOOLEAN,
+    INTEGER,
+    LOCAL,
+    NUMBER,
+    STRING,
+    STRING_TABLE,
+    STRINGS,
+    TABLES,
+    Config,
+    Keys,
+    Names,
+    Source,
+    Where,
+)
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
 
 FILE = "testboxes.toml"
 METHODS = ("kexec", "grub-reboot", "qemu")
-BOX_KEYS = {
-    "method",
-    "host",
-    "port",
-    "user",
-    "identity",
-    "known_hosts",
-    "power_cycle",
-    "cmdline",
-    "initrd",
-    "workdir",
-    "timeouts",
-    "env",
-    "qemu",
-    "description",
-    "vars",
-}
-QEMU_KEYS = {"cpu", "memory", "smp", "accel", "extra_args", "state_dir", "binary", "tsc_khz"}
-SETTINGS_KEYS = {"default", "dmesg_ignore", "trace"}
-TIMEOUT_KEYS = {"connect", "boot", "test", "kexec_exec"}
+QEMU = Keys(
+    {
+        "cpu": STRING,
+        "memory": STRING,
+        "smp": INTEGER,
+        "accel": STRING,
+        "extra_args": STRINGS,
+        "state_dir": STRING,
+        "binary": STRING,
+        "tsc_khz": INTEGER,
+    }
+)
+BOX = Keys(
+    {
+        "method": STRING,
+        "host": STRING,
+        "port": INTEGER,
+        "user": STRING,
+        "identity": STRING,
+        "known_hosts": STRING,
+        "power_cycle": STRING,
+        "cmdline": STRING,
+        "initrd": STRING,
+        "workdir": STRING,
+        "timeouts": Keys(dict.fromkeys(("connect", "boot", "test", "kexec_exec"), NUMBER)),
+        "env": STRING_TABLE,
+        "qemu": QEMU,
+        "description": STRING,
+        "vars": STRING_TABLE,
+    }
+)
+SETTINGS = Keys(
+    {"default": STRING, "dmesg_ignore": STRINGS, "trace": STRING_TABLE, "keep_warm": BOOLEAN}
+)
 
 
 @dataclass(frozen=True)
@@ -109,60 +137,63 @@ def _path(value: Any, directory: Path) -> Path | None:
     return (directory / Path(str(value)).expanduser()).resolve()
 
 
-def parse_box(name: str, table: dict[str, Any], directory: Path, where: str) -> Box:
-    """One [box.NAME] table; relative paths are taken from the configs directory."""
-    check_keys(table, BOX_KEYS, where)
+def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | str) -> Box:
+    """One [box.NAME] table; relative paths are taken from the configs directory. `where`
+    names the table in errors (a bare label for a table that is not from a file)."""
+    where = Where(where) if isinstance(where, str) else where
+    where.check(BOX, table)
     qemu_table = table.get("qemu")
     method = table.get("method", "qemu" if qemu_table is not None else "")
     if method not in METHODS:
-        raise ToolkitError(
-            f"{where}: method {method!r} is not one of {', '.join(METHODS)}",
+        raise where.error(
+            "method",
+            f"method {method!r} is not one of {', '.join(METHODS)}",
             'set method = "kexec", "grub-reboot" or "qemu" (qemu needs a [qemu] table)',
         )
     if method == "qemu" and qemu_table is None:
-        raise ToolkitError(f'{where}: method "qemu" needs a qemu table', "add qemu = {}")
+        raise where.error("method", 'method "qemu" needs a qemu table', "add qemu = {}")
     qemu = None
     if qemu_table is not None:
-        check_keys(qemu_table, QEMU_KEYS, f"{where}.qemu")
         qemu = QemuSettings(
-            cpu=str(qemu_table.get("cpu", "max")),
-            memory=str(qemu_table.get("memory", "1G")),
-            smp=int(qemu_table.get("smp", 1)),
-            accel=str(qemu_table.get("accel", "auto")),
-            extra_args=tuple(str(a) for a in qemu_table.get("extra_args", ())),
+            cpu=qemu_table.get("cpu", "max"),
+            memory=qemu_table.get("memory", "1G"),
+            smp=qemu_table.get("smp", 1),
+            accel=qemu_table.get("accel", "auto"),
+            extra_args=tuple(qemu_table.get("extra_args", ())),
             state_dir=_path(qemu_table.get("state_dir"), directory),
-            binary=str(qemu_table.get("binary", "qemu-system-x86_64")),
-            tsc_khz=int(qemu_table.get("tsc_khz", -1)),
+            binary=qemu_table.get("binary", "qemu-system-x86_64"),
+            tsc_khz=qemu_table.get("tsc_khz", -1),
         )
         if qemu.accel not in ("auto", "kvm", "tcg"):
-            raise ToolkitError(f"{where}.qemu: accel must be auto, kvm or tcg", "see the file")
-    timeouts_table = table.get("timeouts", {})
-    check_keys(timeouts_table, TIMEOUT_KEYS, f"{where}.timeouts")
-    timeouts = Timeouts(**{k: float(v) for k, v in timeouts_table.items()})
+            raise where.table("qemu").error(
+                "accel", "accel must be auto, kvm or tcg", "see the file"
+            )
+    timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
     if qemu is None:
         missing = [k for k in ("host", "identity", "known_hosts") if not table.get(k)]
         if missing:
-            raise ToolkitError(
-                f"{where}: a remote box needs {', '.join(missing)}",
+            raise where.error(
+                None,
+                f"a remote box needs {', '.join(missing)}",
                 "see the commented example in configs/testboxes.toml",
             )
     return Box(
         name=name,
         method=method,
-        host=str(table.get("host", "127.0.0.1")),
-        port=int(table.get("port", 0 if qemu else 22)),
-        user=str(table.get("user", "root")),
+        host=table.get("host", "127.0.0.1"),
+        port=table.get("port", 0 if qemu else 22),
+        user=table.get("user", "root"),
         identity=_path(table.get("identity"), directory),
         known_hosts=_path(table.get("known_hosts"), directory),
-        power_cycle=str(table.get("power_cycle", "")),
-        cmdline=str(table.get("cmdline", "")),
+        power_cycle=table.get("power_cycle", ""),
+        cmdline=table.get("cmdline", ""),
         initrd=_path(table.get("initrd"), directory),
-        workdir=str(table.get("workdir", "/tmp/kseries")),
+        workdir=table.get("workdir", "/tmp/kseries"),
         timeouts=timeouts,
-        env={str(k): str(v) for k, v in table.get("env", {}).items()},
-        vars={str(k): str(v) for k, v in table.get("vars", {}).items()},
+        env=dict(table.get("env", {})),
+        vars=dict(table.get("vars", {})),
         qemu=qemu,
-        description=str(table.get("description", "")),
+        description=table.get("description", ""),
     )
 
 
@@ -172,28 +203,29 @@ class TestboxConfig:
 
     __test__ = False  # not a pytest class, despite the name
 
-    data: dict[str, Any]
-    directory: Path
+    files: Config  # testboxes.toml with local.toml's test-box tables merged over it
 
     @classmethod
     def load(cls, config: Config) -> TestboxConfig:
         """configs/testboxes.toml, with any [testbox], [box.*], [[test]] or [recipe.*] that
         configs/local.toml has merged over it."""
         path = config.directory / FILE
-        data = read_toml(path) if path.is_file() else {}
-        local = config.directory / "local.toml"
-        if local.is_file():
-            over = read_toml(local)
-            data = merge(data, {k: v for k, v in over.items() if k in SECTIONS})
-        return cls(data, config.directory)
+        sources = [Source.read(path, SECTIONS)] if path.is_file() else []
+        local = config.source(LOCAL)
+        if local is not None:
+            mine = {k: v for k, v in local.data.items() if k in SECTIONS}
+            sources.append(Source(local.path, mine, local.tables))
+        return cls(Config.of(config.directory, sources))
+
+    @property
+    def directory(self) -> Path:
+        return self.files.directory
 
     def settings(self) -> dict[str, Any]:
-        table = dict(self.data.get("testbox", {}))
-        check_keys(table, SETTINGS_KEYS, f"{FILE} [testbox]")
-        return table
+        return self.files.table("testbox", SETTINGS)
 
     def box(self, name: str = "") -> Box:
-        boxes = self.data.get("box", {})
+        boxes = self.files.table("box", BOXES)
         name = name or os.environ.get("KSERIES_BOX") or self.settings().get("default", "local")
         if name not in boxes:
             raise ToolkitError(
@@ -201,10 +233,12 @@ class TestboxConfig:
                 f"boxes: {', '.join(sorted(boxes)) or 'none'}; add [box.{name}] there or "
                 "in configs/local.toml",
             )
-        return parse_box(name, boxes[name], self.directory, f"{FILE} [box.{name}]")
+        where = self.files.where.table("box").table(name)
+        return parse_box(name, boxes[name], self.directory, where)
 
     def names(self) -> list[str]:
-        return sorted(self.data.get("box", {}))
+        return sorted(self.files.table("box", BOXES))
 
 
-SECTIONS = ("testbox", "box", "test", "recipe")
+SECTIONS = TABLES[FILE]
+BOXES = Names(BOX)

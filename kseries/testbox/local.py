@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
 from kseries.testbox import boot, kernel
 from kseries.testbox.box import Box
@@ -61,9 +62,8 @@ def up(box: Box, *, kernel_spec: str = "", restart: bool = False, log: Log = pri
     if kernel_spec or good is None:
         subject = kernel.load(kernel_spec)
         image = qemu.dir / "kernels" / f"bzImage-{subject.sha256[:12]}"
-        image.parent.mkdir(parents=True, exist_ok=True)
         if not image.is_file():
-            image.write_bytes(subject.data)
+            write_atomic(image, subject.data)
         initrd = qemu.initramfs()
     else:
         image, initrd = good

@@ -11,11 +11,11 @@ its known-good kernel, is expected to come up.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kseries.core.run import CommandTimedOut, run
 from kseries.errors import ToolkitError
 from kseries.testbox.box import Box
 from kseries.testbox.qemu import QemuBox
@@ -96,7 +96,7 @@ class Machine:
     # --- console and liveness ----------------------------------------------------------------
 
     def alive(self) -> bool:
-        return self.qemu.alive() if self.qemu else True
+        return self.qemu.running() if self.qemu else True
 
     def console_mark(self) -> int | None:
         return self.qemu.console_size() if self.qemu else None
@@ -115,24 +115,21 @@ class Machine:
         self.log(f"box {self.box.name}: power-cycling: {command}")
         env = {**os.environ, "KSERIES_BOX": self.box.name, "KSERIES_BOX_HOST": self.box.host}
         try:
-            done = subprocess.run(
-                command,
-                shell=True,
+            done = run(
+                ["sh", "-c", command],
                 env=env,
-                capture_output=True,
-                text=True,
                 timeout=max(60.0, self.box.timeouts.connect),
                 check=False,
             )
-        except subprocess.TimeoutExpired:
+        except CommandTimedOut:
             self.power_cycles.append(f"`{command}` timed out")
             raise PowerCycleFailed(
                 f"box {self.box.name}: power-cycle command timed out", "check the command"
             ) from None
-        self.power_cycles.append(f"`{command}` exit {done.returncode}")
-        if done.returncode != 0:
+        self.power_cycles.append(f"`{command}` exit {done.status}")
+        if not done.ok:
             raise PowerCycleFailed(
-                f"box {self.box.name}: power-cycle command failed (exit {done.returncode}): "
+                f"box {self.box.name}: power-cycle command failed (exit {done.status}): "
                 f"{(done.stderr or done.stdout).strip()[-200:]}",
                 "fix power_cycle in configs/testboxes.toml",
             )

@@ -23,13 +23,14 @@ import os
 import platform
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kseries.core.files import write_atomic
+from kseries.core.run import Popen, TimeoutExpired, run, start
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
 from kseries.testbox import initramfs
@@ -40,10 +41,6 @@ READY = "kseries-box: userspace up"
 READY_KVM = "kvm="  # the same console line says kvm=yes or kvm=no
 KVM_PROBE = 20.0  # seconds a KVM guest gets to reach userspace (it needs about 2)
 DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
-
-
-class BoxDown(ToolkitError):
-    """The local box is not running."""
 
 
 @dataclass
@@ -69,10 +66,7 @@ class State:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(partial, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 def free_port() -> int:
@@ -128,7 +122,7 @@ class QemuBox:
         self.settings = box.qemu
         self.dir = box.state_dir
         self.log = log
-        self._child: subprocess.Popen[bytes] | None = None
+        self._child: Popen[bytes] | None = None
         keys_dir = self.dir / "keys" if self.settings.state_dir else shared_dir() / "keys"
         self.keys = initramfs.Keys(keys_dir)
 
@@ -298,13 +292,7 @@ class QemuBox:
         with (self.dir / "qemu.log").open("ab") as err:
             err.write(f"\n# {time.ctime()}: {' '.join(command)}\n".encode())
             err.flush()
-            child = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                start_new_session=True,
-            )
+            child = start(command, stdout=err, stderr=err, new_session=True)
         self._child = child
         state = State(
             pid=child.pid,
@@ -368,7 +356,7 @@ class QemuBox:
 
     def _reap(self) -> None:
         if self._child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            with contextlib.suppress(TimeoutExpired):
                 self._child.wait(timeout=5)
 
     def exit_reason(self) -> str:
@@ -382,11 +370,6 @@ class QemuBox:
         if said:
             parts.append(said)
         return ", ".join(parts) or "no message from QEMU"
-
-    def alive(self) -> bool:
-        """For boot waits: False as soon as QEMU has exited (a panic with -no-reboot)."""
-        state = self.state()
-        return bool(state.pid) and self._is_ours(state.pid)
 
     # --- console -----------------------------------------------------------------------------
 
@@ -415,15 +398,11 @@ class QemuBox:
     def remember_good(self, kernel: bytes, initrd: Path, identity: dict[str, Any]) -> None:
         """Keep a copy of a kernel that booted and answered (the bytes that were proven, not
         the file, which a rebuild may have changed since): the fallback for a failed boot."""
-        self.good_dir.mkdir(parents=True, exist_ok=True)
         for data, name in ((kernel, "bzImage"), (initrd.read_bytes(), "initrd")):
             target = self.good_dir / name
-            if target.is_file() and target.read_bytes() == data:
-                continue
-            partial = target.with_name(f".{name}.{os.getpid()}")
-            partial.write_bytes(data)
-            os.replace(partial, target)
-        (self.good_dir / "identity.json").write_text(json.dumps(identity, indent=2) + "\n")
+            if not (target.is_file() and target.read_bytes() == data):
+                write_atomic(target, data)
+        write_atomic(self.good_dir / "identity.json", json.dumps(identity, indent=2) + "\n")
 
     def good(self) -> tuple[Path, Path] | None:
         kernel, initrd = self.good_dir / "bzImage", self.good_dir / "initrd"
@@ -441,9 +420,7 @@ class QemuBox:
         return known["accel"] if known else "kvm"
 
     def _host_key(self) -> str:
-        version = subprocess.run(
-            [self.settings.binary, "--version"], capture_output=True, text=True, check=False
-        ).stdout.split("\n")[0]
+        version = run([self.settings.binary, "--version"], check=False).stdout.split("\n")[0]
         return f"{platform.release()} | {version} | {self.settings.cpu}"
 
     def _accel_memory(self) -> dict[str, Any]:
@@ -455,6 +432,4 @@ class QemuBox:
     def _remember_accel(self, accel: str, why: str) -> None:
         memory = self._accel_memory()
         memory[self._host_key()] = {"accel": accel, "why": why}
-        path = shared_dir() / "accel.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(memory, indent=2) + "\n")
+        write_atomic(shared_dir() / "accel.json", json.dumps(memory, indent=2) + "\n")

@@ -20,20 +20,25 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import subprocess
+import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kseries.config import Config
+from kseries.core.files import exclusive, write_atomic
+from kseries.core.files import output_dir as checked_output_dir
+from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import boot, kernel, suite
 from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.machine import Machine, last_lines, write_console
+from kseries.testbox.qemu import QemuBox
 from kseries.testbox.report import Run
 from kseries.testbox.runner import collect_dmesg, run_tests, scan_dmesg
 from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
@@ -80,10 +85,7 @@ class BoxSession:
             # the tree's bzImage in the meantime cannot change what boots.
             private = qemu.dir / "kernels" / f"bzImage-{subject.sha256[:12]}"
             if not private.is_file():
-                private.parent.mkdir(parents=True, exist_ok=True)
-                partial = private.with_suffix(".partial")
-                partial.write_bytes(subject.data)
-                partial.replace(private)
+                write_atomic(private, subject.data)
             subject = replace(subject, path=private)
         initrd = initrd_path.read_bytes() if initrd_path else None
         return boot.Staged(subject, initrd, initrd_path, cmdline)
@@ -269,59 +271,48 @@ def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) ->
             "pass a bzImage or manifest, or test a kernel built by `invoke build`",
         )
     tree = Path(under_test.tree)
-    done = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--verify", f"{spec}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise ToolkitError(
-            f"--compare {spec}: not a file and not a commit in {tree}",
-            "pass a branch, tag or sha of the tree, or a bzImage",
-        )
-    sha = done.stdout.strip()
+    sha = _commit(tree, spec)
     key = hashlib.sha256(str(tree).encode()).hexdigest()[:10]
     base = cache_dir() / "testbox" / "compare" / f"{tree.name}-{key}"
     # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: the build stage makes
     # ccache hash paths relative to the common parent, so the two share cache hits.
     worktree = base / "default-tree" / "linux"
-    if not (worktree / ".git").exists():
-        log(f"compare: adding a detached worktree of {tree} at {worktree}")
-        base.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["git", "-C", str(tree), "worktree", "add", "--detach", str(worktree), sha],
-            check=True,
-            capture_output=True,
-        )
-    else:
-        subprocess.run(
-            ["git", "-C", str(worktree), "checkout", "-q", "--detach", sha],
-            check=True,
-            capture_output=True,
-        )
     from kseries import build as build_stage
 
-    pointer = cache_dir() / "build" / "last.json"
-    saved = pointer.read_bytes() if pointer.is_file() else None
-    log(f"compare: building {spec} ({sha[:12]}) with the build stage")
-    try:
+    # One comparison at a time per tree: the worktree's checkout is this build's input.
+    with exclusive(base / ".lock", f"compare: waiting for another comparison in {base}", log):
+        if not (worktree / ".git").exists():
+            log(f"compare: adding a detached worktree of {tree} at {worktree}")
+            if worktree.exists():  # what a killed `worktree add` left: ours, under our lock
+                shutil.rmtree(worktree)
+            run(["git", "-C", tree, "worktree", "prune"])
+            run(["git", "-C", tree, "worktree", "add", "-f", "--detach", worktree, sha])
+        else:
+            run(["git", "-C", worktree, "checkout", "-q", "--detach", sha])
+        log(f"compare: building {spec} ({sha[:12]}) with the build stage")
+        # The reference is not "the last build": the pointer stays on the kernel under test.
         manifest = build_stage.build(
-            config, tree=str(worktree), out=str(base / "build" / "linux"), log=log
+            config, tree=str(worktree), out=str(base / "build" / "linux"), log=log, set_last=False
         )
-    finally:
-        # The reference is not "the last build": keep the pointer on the kernel under test.
-        if saved is not None:
-            pointer.write_bytes(saved)
     return kernel.load(str(manifest.path))
 
 
 # --- composing it all ------------------------------------------------------------------------
 
 
+def _commit(tree: Path, spec: str) -> str:
+    done = run(["git", "-C", tree, "rev-parse", "--verify", f"{spec}^{{commit}}"], check=False)
+    if not done.ok:
+        raise ToolkitError(
+            f"--compare {spec}: not a file and not a commit in {tree}",
+            "pass a branch, tag or sha of the tree, or a bzImage",
+        )
+    return done.stdout.strip()
+
+
 def output_dir(out: str) -> Path:
     if out:
-        return Path(out).expanduser().resolve()
+        return checked_output_dir(Path(out)).resolve()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return PROJECT / "out" / "test-remote" / stamp
 
@@ -338,88 +329,117 @@ def test_remote(
     trace: bool = False,
     trust_new_host: bool = False,
     out: str = "",
+    keep_warm: bool | None = None,
     log: Log = print,
 ) -> tuple[list[Run], Path]:
-    """Run the whole thing; return the runs (box-major, reference first) and the output dir."""
-    started = time.monotonic()
+    """Run the whole thing; return the runs (box-major, reference first) and the output dir.
+
+    Local QEMU boxes this run starts are stopped at its end, however it ends, unless
+    `keep_warm` (default: [testbox] keep_warm); any local box left running is named, with the
+    command that stops it."""
+    directory = output_dir(out)  # refused now, not after the builds, if it cannot be written
     settings = TestboxConfig.load(config)
     chosen = [settings.box(name) for name in (boxes or [""])]
-    known = suite.load_tests(settings)
-    specs = suite.soak(suite.select(known, tests), cycles, duration, known)
-    under_test = kernel.load(kernel_spec)
-    label = "kernel"
-    subjects = [Subject(label, under_test)]
-    if compare:
-        ref = reference(compare, under_test, config, log)
-        same = (ref.kernelrelease, ref.utsversion) == (
-            under_test.kernelrelease,
-            under_test.utsversion,
-        )
-        if same and ref.sha256 != under_test.sha256:
-            raise ToolkitError(
-                f"--compare {compare}: both kernels call themselves {ref.kernelrelease} "
-                f"{ref.utsversion}, so /proc/version could not tell which one a box runs",
-                "rebuild one of them (each build gets its own #N and timestamp)",
+    if keep_warm is None:
+        keep_warm = settings.settings().get("keep_warm", False)
+    with _stopping_what_it_starts(chosen, keep_warm, log):
+        started = time.monotonic()
+        known = suite.load_tests(settings)
+        specs = suite.soak(suite.select(known, tests), cycles, duration, known)
+        under_test = kernel.load(kernel_spec)
+        label = "kernel"
+        subjects = [Subject(label, under_test)]
+        if compare:
+            ref = reference(compare, under_test, config, log)
+            same = (ref.kernelrelease, ref.utsversion) == (
+                under_test.kernelrelease,
+                under_test.utsversion,
             )
-        subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
-    tree = Path(under_test.tree) if under_test.tree else None
-    builder = suite.Builder(tree, log=log)
-    built = [builder.build(spec) for spec in specs]
-    for b in built:
-        if b.error:
-            log(f"tests: {b.spec.name} not built: {b.error}")
-    directory = output_dir(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    defaults = settings.settings()
-    ignore = defaults.get("dmesg_ignore", [])
-    functions = defaults.get("trace", {}) if trace else {}
-    if trace and not functions:
-        raise ToolkitError(
-            f"--trace: no functions to probe in {settings.directory / 'testboxes.toml'}",
-            'set [testbox] trace = { kvm_mmu_faultin_pfn = "int", ... }',
+            if same and ref.sha256 != under_test.sha256:
+                raise ToolkitError(
+                    f"--compare {compare}: both kernels call themselves {ref.kernelrelease} "
+                    f"{ref.utsversion}, so /proc/version could not tell which one a box runs",
+                    "rebuild one of them (each build gets its own #N and timestamp)",
+                )
+            subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
+        tree = Path(under_test.tree) if under_test.tree else None
+        builder = suite.Builder(tree, log=log)
+        built = [builder.build(spec) for spec in specs]
+        for b in built:
+            if b.error:
+                log(f"tests: {b.spec.name} not built: {b.error}")
+        directory.mkdir(parents=True, exist_ok=True)
+        defaults = settings.settings()
+        ignore = defaults.get("dmesg_ignore", [])
+        functions = defaults.get("trace", {}) if trace else {}
+        if trace and not functions:
+            raise ToolkitError(
+                f"--trace: no functions to probe in {settings.directory / 'testboxes.toml'}",
+                'set [testbox] trace = { kvm_mmu_faultin_pfn = "int", ... }',
+            )
+        tracer = FaultTrace(functions) if trace else None
+        lock = threading.Lock()
+
+        def locked_log(message: str) -> None:
+            with lock:
+                log(message)
+
+        def one_box(box: Box) -> list[Run]:
+            session = BoxSession(
+                box,
+                trust_new_host=trust_new_host,
+                dmesg_ignore=ignore,
+                tracer=tracer,
+                log=locked_log,
+            )
+            return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
+
+        if len(chosen) == 1:
+            runs = one_box(chosen[0])
+        else:
+            with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
+                runs = [r for group in pool.map(one_box, chosen) for r in group]
+        from kseries.testbox import report
+
+        report.write(
+            directory,
+            runs,
+            {
+                "kernel": under_test.to_json(),
+                "compare": compare or None,
+                "boxes": [b.name for b in chosen],
+                "tests": [s.name for s in specs],
+                "soak": {"cycles": cycles, "duration_s": duration} if cycles or duration else None,
+                "wall_time_s": round(time.monotonic() - started, 3),
+                "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            },
         )
-    tracer = FaultTrace(functions) if trace else None
-    lock = threading.Lock()
+        latest = directory.parent / "latest"
+        if not out and (not latest.exists() or latest.is_symlink()):
+            latest.unlink(missing_ok=True)
+            latest.symlink_to(directory.name)
+        return runs, directory
 
-    def locked_log(message: str) -> None:
-        with lock:
-            log(message)
 
-    def one_box(box: Box) -> list[Run]:
-        session = BoxSession(
-            box,
-            trust_new_host=trust_new_host,
-            dmesg_ignore=ignore,
-            tracer=tracer,
-            log=locked_log,
-        )
-        return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
-
-    if len(chosen) == 1:
-        runs = one_box(chosen[0])
-    else:
-        with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
-            runs = [r for group in pool.map(one_box, chosen) for r in group]
-    from kseries.testbox import report
-
-    report.write(
-        directory,
-        runs,
-        {
-            "kernel": under_test.to_json(),
-            "compare": compare or None,
-            "boxes": [b.name for b in chosen],
-            "tests": [s.name for s in specs],
-            "soak": {"cycles": cycles, "duration_s": duration} if cycles or duration else None,
-            "wall_time_s": round(time.monotonic() - started, 3),
-            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        },
-    )
-    latest = directory.parent / "latest"
-    if not out and (not latest.exists() or latest.is_symlink()):
-        latest.unlink(missing_ok=True)
-        latest.symlink_to(directory.name)
-    return runs, directory
+@contextmanager
+def _stopping_what_it_starts(boxes: Sequence[Box], keep_warm: bool, log: Log) -> Iterator[None]:
+    """Stop the local QEMU boxes that were down before the run, however it ends (a 3 GiB QEMU
+    must not outlive the job that started it), unless they are to be kept warm; name any local
+    box left running, with the command that stops it."""
+    local = [QemuBox(box) for box in boxes if box.is_local_qemu]
+    cold = {qemu.box.name for qemu in local if not qemu.running()}
+    try:
+        yield
+    finally:
+        for qemu in local:
+            if qemu.box.name in cold and not keep_warm:
+                qemu.stop()
+            elif qemu.running():
+                why = "kept warm" if qemu.box.name in cold else "it was running before this run"
+                log(
+                    f"box {qemu.box.name} is still running ({why}): "
+                    f"stop it with `invoke testbox.down --box {qemu.box.name}`"
+                )
 
 
 def _ref_name(spec: str) -> str:

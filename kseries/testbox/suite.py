@@ -27,34 +27,49 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kseries.config import check_keys
+from kseries.config import BOOLEAN, NUMBER, STRING, STRING_TABLE, STRINGS, Keys, Names, Rows
+from kseries.core.files import exclusive, scratch_name
+from kseries.core.run import STDOUT, run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox.box import FILE, TestboxConfig
+from kseries.ui import heartbeat
 
 Log = Callable[[str], None]
-TEST_KEYS = {
-    "name",
-    "command",
-    "binary",
-    "recipe",
-    "target",
-    "args",
-    "timeout",
-    "env",
-    "description",
-    "default",
-    "vars",
-    "soak",
-    "metrics",
-}
-SOAK_KEYS = {"per_cycle"}
-RECIPE_KEYS = {"command", "output", "headers", "description", "strip"}
+RECIPES = Names(
+    Keys(
+        {
+            "command": STRING,
+            "output": STRING,
+            "headers": BOOLEAN,
+            "description": STRING,
+            "strip": BOOLEAN,
+        }
+    )
+)
+TESTS = Rows(
+    Keys(
+        {
+            "name": STRING,
+            "command": STRING,
+            "binary": STRING,
+            "recipe": STRING,
+            "target": STRING,
+            "args": STRINGS,
+            "timeout": NUMBER,
+            "env": STRING_TABLE,
+            "description": STRING,
+            "default": BOOLEAN,
+            "vars": STRING_TABLE,
+            "soak": Keys({"per_cycle": NUMBER}),
+            "metrics": STRINGS,
+        }
+    )
+)
 SKIP_EXIT = 4  # kselftest's KSFT_SKIP
 
 
@@ -132,68 +147,70 @@ class Built:
 
 
 def load_tests(config: TestboxConfig) -> list[TestSpec]:
+    files = config.files
     recipes = {}
-    for name, table in config.data.get("recipe", {}).items():
-        check_keys(table, RECIPE_KEYS, f"{FILE} [recipe.{name}]")
+    for name, table in files.table("recipe", RECIPES).items():
         if "command" not in table or "output" not in table:
-            raise ToolkitError(f"{FILE} [recipe.{name}]: needs command and output", "see file")
+            where = files.where.table("recipe").table(name)
+            raise where.error(None, "needs command and output", "see the file")
         recipes[name] = Recipe(
             name,
-            str(table["command"]),
-            str(table["output"]),
-            bool(table.get("headers", False)),
-            bool(table.get("strip", True)),
+            table["command"],
+            table["output"],
+            table.get("headers", False),
+            table.get("strip", True),
         )
     tests = []
-    for number, table in enumerate(config.data.get("test", []), 1):
-        where = f"{FILE} [[test]] #{number}"
-        check_keys(table, TEST_KEYS, where)
+    for index, table in enumerate(files.table("test", TESTS)):
+        where = files.where.row("test", index)
         name = table.get("name")
         if not name:
-            raise ToolkitError(f"{where}: no name", "give every test a name")
+            raise where.error("name", "no name", "give every test a name")
+        where = replace(where, label=f"{where.label} ({name})")
         kinds = [k for k in ("command", "binary", "recipe") if table.get(k)]
         if len(kinds) != 1:
-            raise ToolkitError(
-                f"{where} ({name}): set exactly one of command, binary or recipe",
+            raise where.error(
+                None,
+                "set exactly one of command, binary or recipe",
                 "command runs on the box; binary and recipe upload a program",
             )
         recipe = None
         if table.get("recipe"):
             recipe = recipes.get(table["recipe"])
             if recipe is None:
-                raise ToolkitError(
-                    f"{where} ({name}): no [recipe.{table['recipe']}]",
+                raise where.error(
+                    "recipe",
+                    f"no [recipe.{table['recipe']}]",
                     f"recipes: {', '.join(sorted(recipes)) or 'none'}",
                 )
             if not table.get("target"):
-                raise ToolkitError(f"{where} ({name}): a recipe test needs a target", "")
+                raise where.error("target", "a recipe test needs a target", "")
         soak = table.get("soak")
-        if soak is not None:
-            check_keys(soak, SOAK_KEYS, f"{where} ({name}).soak")
-        binary = str(table.get("binary", ""))
+        binary = table.get("binary", "")
         if binary and "{" not in binary:
             binary = str((config.directory / Path(binary).expanduser()).resolve())
         tests.append(
             TestSpec(
-                name=str(name),
-                command=str(table.get("command", "")),
+                name=name,
+                command=table.get("command", ""),
                 binary=binary,
                 recipe=recipe,
-                target=str(table.get("target", "")),
-                args=tuple(str(a) for a in table.get("args", ())),
+                target=table.get("target", ""),
+                args=tuple(table.get("args", ())),
                 timeout=float(table["timeout"]) if "timeout" in table else None,
-                env={str(k): str(v) for k, v in table.get("env", {}).items()},
-                description=str(table.get("description", "")),
-                default=bool(table.get("default", True)),
-                vars={str(k): str(v) for k, v in table.get("vars", {}).items()},
+                env=dict(table.get("env", {})),
+                description=table.get("description", ""),
+                default=table.get("default", True),
+                vars=dict(table.get("vars", {})),
                 per_cycle=float(soak.get("per_cycle", 0.1)) if soak is not None else None,
-                metrics=tuple(str(m) for m in table.get("metrics", ())),
+                metrics=tuple(table.get("metrics", ())),
             )
         )
     names = [t.name for t in tests]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ToolkitError(f"{FILE}: duplicate test names {', '.join(duplicates)}", "rename")
+        where = files.where.rows("test")
+        raise where.error(None, f"duplicate test names {', '.join(duplicates)}", "rename")
     return tests
 
 
@@ -259,7 +276,11 @@ class Builder:
                 if not path.is_file():
                     raise ToolkitError(f"{path}: no such file", "build it or fix the path")
                 return Built(spec, path.read_bytes(), path)
-            return self._recipe(spec)
+            # Two runs may build the same tree's tests at once: make in one O= directory at a
+            # time, and the bytes are read before the lock is let go.
+            waiting = f"tests: waiting for another build of the test programs in {self.root}"
+            with exclusive(self.root / ".lock", waiting, self.log):
+                return self._recipe(spec)
         except ToolkitError as e:
             return Built(spec, error=str(e))
 
@@ -292,23 +313,21 @@ class Builder:
         if recipe.strip:
             stripped = output.with_name(output.name + ".stripped")
             if not stripped.is_file() or stripped.stat().st_mtime < output.stat().st_mtime:
-                subprocess.run(
-                    ["strip", "--strip-debug", "-o", str(stripped), str(output)],
-                    check=True,
-                    capture_output=True,
-                )
+                scratch = scratch_name(stripped)
+                run(["strip", "--strip-debug", "-o", scratch, output])
+                os.replace(scratch, stripped)
             return Built(spec, stripped.read_bytes(), output)
         return Built(spec, output.read_bytes(), output)
 
     def _run(self, cmd: list[str], log_file: Path, what: str) -> None:
-        with log_file.open("a") as f:
+        with log_file.open("a") as f, heartbeat(f"building {what}", lambda: ""):
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-        if done.returncode != 0:
+            done = run(cmd, stdout=f, stderr=STDOUT, check=False)
+        if not done.ok:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
             first = next((x for x in tail if "rror" in x), tail[-1] if tail else "")
             raise ToolkitError(
-                f"building {what} failed (exit {done.returncode}): {first.strip()}",
+                f"building {what} failed (exit {done.status}): {first.strip()}",
                 f"the whole output is in {log_file}",
             )

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from kseries.testbox.qemu import free_port
+
 WRAPPER = """#!/bin/sh
 # kseries SSH tests: run the client's command, or break uploads as {dir}/mode says.
 dir={dir}
@@ -56,12 +58,6 @@ case "$mode" in
   *) exec /bin/sh -c "$SSH_ORIGINAL_COMMAND" ;;
 esac
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 10) -> None:
