@@ -138,12 +138,8 @@ def run(
             errors="replace" if text else None,
             check=False,
         )
-    except FileNotFoundError as e:
-        if cwd is not None and not Path(cwd).is_dir():
-            raise ToolkitError(f"{what}: directory {cwd} does not exist", "check the path") from e
-        raise missing(argv[0]) from e
-    except PermissionError as e:
-        raise ToolkitError(f"{what}: {argv[0]} is not executable", "check its mode") from e
+    except (FileNotFoundError, PermissionError) as e:
+        raise _not_started(e, argv, cwd) from e
     except subprocess.TimeoutExpired as e:
         raise CommandTimedOut(
             f"{what} did not finish in {timeout:g} s and was stopped", "run it by hand to see why"
@@ -180,12 +176,18 @@ def start(
             errors="replace" if text else None,
             start_new_session=new_session,
         )
-    except FileNotFoundError as e:
-        if cwd is not None and not Path(cwd).is_dir():
-            raise ToolkitError(
-                f"{describe(argv)}: directory {cwd} does not exist", "check the path"
-            ) from e
-        raise missing(argv[0]) from e
+    except (FileNotFoundError, PermissionError) as e:
+        raise _not_started(e, argv, cwd) from e
+
+
+def _not_started(e: OSError, argv: list[str], cwd: str | os.PathLike[str] | None) -> ToolkitError:
+    """Why a program did not start: its directory is missing (the same exception), it is not
+    installed, or it cannot be executed."""
+    if cwd is not None and not Path(cwd).is_dir():
+        return ToolkitError(f"{describe(argv)}: directory {cwd} does not exist", "check the path")
+    if isinstance(e, PermissionError):
+        return ToolkitError(f"{describe(argv)}: {argv[0]} is not executable", "check its mode")
+    return missing(argv[0])
 
 
 def _text(value: str | bytes | None) -> str:
