@@ -248,7 +248,8 @@ def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
     help={
         "tree": TREE_HELP,
         "out": "directory for the mails (default: out/<branch>/ in this project)",
-        "dry_run": "write the mails and show what git send-email would do (the default)",
+        "dry_run": "write the mails and show what git send-email would do (the default; "
+        "says so explicitly, e.g. in a script: refused together with --send)",
         "send": "really send, after every check passed and a confirmation",
         "yes": "with --send: do not ask for confirmation",
     }
@@ -258,11 +259,13 @@ def send_series(
     c: Context,
     tree: str = "",
     out: str = "",
-    dry_run: bool = True,
+    dry_run: bool = False,
     send: bool = False,
     yes: bool = False,
 ) -> None:
     """Format the series as mails, address and check them, then git send-email (dry run)."""
+    if dry_run and send:
+        raise ToolkitError("--dry-run and --send contradict each other", "choose one")
     if send and not yes and not sys.stdin.isatty():
         raise ToolkitError(
             "--send asks before sending, and there is no terminal to ask on",

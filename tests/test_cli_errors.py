@@ -21,6 +21,7 @@ from tests.conftest import Project, git, invoke, one_error
         (["test-remote", "--cycles", "-3"], "--cycles -3: must be at least 0"),
         (["build", "--jobs", "two"], "--jobs two: not a whole number"),
         (["testbox.console", "--lines", "ten"], "--lines ten: not a whole number"),
+        (["send-series", "--dry-run", "--send"], "--dry-run and --send contradict each other"),
     ],
 )
 def test_option_values_that_do_not_parse(project: Project, args: list[str], message: str) -> None:
