@@ -91,7 +91,11 @@ def test_link_that_is_not_a_url_is_refused(project: Project) -> None:
         'links = ["https://lore.kernel.org/all/abc@example.org"]',
         'links = ["abc@example.org"]',
     )
-    refused_before_git(project, r"'Link: abc@example.org' breaks the rule: Link values are URLs")
+    refused_before_git(
+        project,
+        r"'Link: abc@example.org' breaks the rule: Link values are lore links built from a "
+        "Message-ID",
+    )
 
 
 def test_extra_trailer_breaking_the_pairing_is_refused(project: Project) -> None:
