@@ -44,6 +44,8 @@ STAMP = ".kseries-send.json"
 # Headers we write: 78 columns, non-ASCII as RFC 2047 encoded words (no SMTPUTF8 needed).
 POLICY = email.policy.default
 SENT_RE = re.compile(r"^(?:Dry-)?OK\. Log says:$.*?^Subject: (?P<subject>.*?)$", re.M | re.S)
+# checkpatch.pl --show-types: what it says of a commit id the tree cannot look up.
+UNKNOWN_COMMIT_ID = "WARNING:UNKNOWN_COMMIT_ID:"
 
 
 @dataclass
@@ -319,8 +321,11 @@ class Postman:
     def check(self, outbox: Outbox, *, sending: bool) -> list[Check]:
         """Every pre-send check; the outbox keeps the results."""
         patches = outbox.mails[1:]
+        # No history before the base (the embedded default tree is one imported commit):
+        # checkpatch cannot look up a Fixes: id there, which is no fault of the patch.
+        history = self.tree.try_git("rev-parse", "--verify", "--quiet", f"{outbox.base}^")[0] == 0
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            checkpatch = list(pool.map(self._checkpatch, patches))
+            checkpatch = list(pool.map(lambda mail: self._checkpatch(mail, history), patches))
         outbox.checks = [
             self._sender(sending),
             self._numbering(outbox),
@@ -330,8 +335,9 @@ class Postman:
             self._applies(outbox),
             Check(
                 "checkpatch --strict",
-                all(ok for ok, _ in checkpatch),
-                "; ".join(d for _, d in checkpatch if d),
+                all(c.ok for c in checkpatch),
+                "; ".join(c.detail for c in checkpatch if c.detail),
+                warn=any(c.warn for c in checkpatch),
             ),
         ]
         return outbox.checks
@@ -421,16 +427,19 @@ class Postman:
                     return Check(name, False, f"{mail.path.name}: {err.strip().splitlines()[0]}")
         return Check(name, True)
 
-    def _checkpatch(self, mail: Mail) -> tuple[bool, str]:
+    def _checkpatch(self, mail: Mail, history: bool) -> Check:
+        """checkpatch --strict on one mail. Without `history` (see `check`), an unknown
+        commit id is reported as not verified, a warning, rather than failing the mail."""
         ignore = sorted(self.settings.checkpatch_ignore)
-        cache = _cache(self.tree, "checkpatch", _patch_key(mail.path, *ignore))
+        cache = _cache(self.tree, "checkpatch", _patch_key(mail.path, *ignore, f"{history=}"))
         if cache.exists():
-            ok, detail = json.loads(cache.read_text())
-            return ok, detail
+            ok, detail, warn = json.loads(cache.read_text())
+            return Check(mail.path.name, ok, detail, warn)
         command = [
             "perl",
             "scripts/checkpatch.pl",
             "--strict",
+            "--show-types",
             "--no-summary-file",
             "--color=never",
         ]
@@ -451,10 +460,20 @@ class Postman:
             for line in result.stdout.splitlines()
             if line.startswith(("ERROR:", "WARNING:", "CHECK:"))
         ]
-        ok = not any(int(totals[k] or 0) for k in ("errors", "warnings", "checks"))
-        detail = "" if ok else f"{mail.path.name}: " + " | ".join(problems[:3])
-        write_atomic(cache, json.dumps([ok, detail]))
-        return ok, detail
+        counted = sum(int(totals[k] or 0) for k in ("errors", "warnings", "checks"))
+        unverified = [] if history else [p for p in problems if p.startswith(UNKNOWN_COMMIT_ID)]
+        ok, warn = counted == len(unverified), bool(unverified)
+        if not ok:
+            detail = f"{mail.path.name}: " + " | ".join(problems[:3])
+        elif warn:
+            detail = (
+                f"{mail.path.name}: commit ids not verified, the tree has no history before "
+                "the base: " + " | ".join(unverified)
+            )
+        else:
+            detail = ""
+        write_atomic(cache, json.dumps([ok, detail, warn]))
+        return Check(mail.path.name, ok, detail, warn)
 
     def rehearse(self, outbox: Outbox) -> Delivery:
         """The dry run: every check, and `git send-email --dry-run` beside them (both only read
