@@ -313,7 +313,7 @@ def test_version_one_is_unnumbered_and_passes_the_numbering_check(
 
 
 def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, tmp_path: Path):
-    summary = "demo: " + "x" * 70  # 76 characters
+    summary = "demo: X" + "x" * 69  # 76 characters: over the firm limit, under the hard one
     (project.root / "templates" / "0002.j2").write_text(f"{summary}\n\nAnd line 30 too.\n")
     man = scratch_postman(project)
     outbox = man.format(tmp_path / "out")
