@@ -62,6 +62,11 @@ class Mail:
     def size(self) -> int:
         return self.path.stat().st_size
 
+    @property
+    def shortlog(self) -> str:
+        """The subject without its [PATCH v2 n/N] tags: what git log shows."""
+        return self.subject.split("] ", 1)[-1]
+
 
 @dataclass
 class Check:
@@ -309,9 +314,7 @@ class Postman:
     def _trailers(path: Path) -> tuple[str, list[trailers.Trailer]]:
         """(From author, trailers) of a patch mail, as git mailinfo and interpret-trailers see:
         the From: decoded from RFC 2047, the body from its charset."""
-        mail = _read_mail(path)
-        body = mail.get_content().split("\n---\n", 1)[0]
-        return str(mail["From"]), trailers.parse(body)
+        return str(_read_mail(path)["From"]), trailers.parse(_changelog(path))
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -328,6 +331,7 @@ class Postman:
             self._numbering(outbox),
             self._subject_lengths(outbox),
             self._placeholders(outbox),
+            self._changelog_rules(outbox),
             self._trailer_rules(patches),
             self._applies(outbox),
             Check(
@@ -372,9 +376,9 @@ class Postman:
         characters over"); over the hard one the changelog rules fail."""
         limit = style.SUBJECT_LIMIT
         long = [
-            f"{m.path.name}: {len(summary)} characters"
+            f"{m.path.name}: {len(m.shortlog)} characters"
             for m in outbox.mails
-            if len(summary := m.subject.split("] ", 1)[-1]) > limit
+            if len(m.shortlog) > limit
         ]
         return Check(f"subjects at most {limit} characters", True, "; ".join(long), warn=bool(long))
 
@@ -391,6 +395,26 @@ class Postman:
             not left,
             "; ".join(left) + (" (run `invoke rebase` to set the cover letter)" if left else ""),
         )
+
+    def _changelog_rules(self, outbox: Outbox) -> Check:
+        """The changelog rules on the mails as they will be read (a commit amended by hand
+        included): the cover letter's subject, and each patch's subject and body."""
+        prefixes = self.series.shortlog_prefixes
+        cover, patches = outbox.mails[0], outbox.mails[1:]
+        templates = [self.series.templates_dir / p.template for p in self.series.patches]
+        try:
+            style.check_subject(cover.shortlog, prefixes=prefixes, where=cover.path.name)
+            for n, mail in enumerate(patches):
+                template = f" ({templates[n]})" if n < len(templates) else ""
+                style.check_commit(
+                    mail.shortlog,
+                    _prose(mail.path),
+                    prefixes=prefixes,
+                    where=f"{mail.path.name}{template}",
+                )
+        except style.ChangelogRuleError as e:
+            return Check("changelog rules", False, e.message)
+        return Check("changelog rules", True)
 
     def _trailer_rules(self, patches: list[Mail]) -> Check:
         for mail in patches:
@@ -596,6 +620,17 @@ def _stamped(out: Path, series: Series) -> list[str]:
     ):
         raise ToolkitError(f"{path}: damaged, its files are not plain file names", keep)
     return files
+
+
+def _changelog(path: Path) -> str:
+    """A patch mail's commit message body, trailers included: what comes before its ---."""
+    return _read_mail(path).get_content().split("\n---\n", 1)[0]
+
+
+def _prose(path: Path) -> str:
+    """A patch mail's changelog without the trailer block, its last paragraph."""
+    paragraphs = _changelog(path).strip().split("\n\n")
+    return "\n\n".join(paragraphs[:-1])
 
 
 def _read_mail(path: Path) -> EmailMessage:

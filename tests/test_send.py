@@ -325,6 +325,25 @@ def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, 
     assert "│ warn │ subjects at most 75 characters │ v2-0002-demo-" in shown.export_text()
 
 
+def test_a_commit_amended_past_the_changelog_rules_fails_the_check(
+    project: Project, tmp_path: Path
+) -> None:
+    man = scratch_postman(project)
+    message = git(project.tree, "log", "-1", "--format=%B")
+    edited = message.replace("And line 30 too.", "This patch changes line 30 too.")
+    (project.root / "message").write_text(edited)
+    git(project.tree, "commit", "-q", "--amend", "-F", str(project.root / "message"))
+    outbox = man.format(tmp_path / "out")
+    check = man._changelog_rules(outbox)
+    template = project.root / "templates" / "0002.j2"
+    assert not check.ok
+    assert check.detail.startswith(
+        f"{outbox.mails[2].path.name} ({template}): 'This patch changes line 30 too.' breaks "
+        'the rule: no "this patch"'
+    )
+    assert man._changelog_rules(man.format(tmp_path / "again")) == check  # on disk, not cached
+
+
 # checkpatch.pl's verdict on a patch whose Fixes: id the tree does not hold, and one more fault.
 UNKNOWN_ID = "WARNING:UNKNOWN_COMMIT_ID: Unknown commit id '16f95f3b95ca', maybe rebased?"
 TRAILING = "ERROR:TRAILING_WHITESPACE: trailing whitespace"
