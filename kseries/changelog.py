@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 
-from kseries import trailers
+from kseries import style, trailers
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.series import Patch, Series
@@ -62,8 +62,14 @@ class Changelog:
         )
 
     def message(self, patch: Patch) -> Message:
-        """The commit message of `patch`, trailers generated and checked."""
+        """The commit message of `patch`, its prose and trailers generated and checked."""
         subject, body = self._render(patch.template, patch=patch)
+        style.check_commit(
+            subject,
+            body,
+            prefixes=self.series.shortlog_prefixes,
+            where=f"{self.series.templates_dir / patch.template}: {patch.label}",
+        )
         block = trailers.generate(patch, self.series.submitter)
         trailers.check(
             block,
@@ -95,8 +101,12 @@ class Changelog:
         return edits
 
     def cover_letter(self) -> Message:
+        """The cover letter, its subject held to the shortlog rules. Its body is not wrapped
+        by rule: it never reaches git log, and may quote subjects up to the hard limit."""
         subjects = [self.message(p).subject for p in self.series.patches]
         subject, body = self._render(self.series.cover_template, subjects=subjects)
+        where = f"{self.series.templates_dir / self.series.cover_template}: the cover letter"
+        style.check_subject(subject, prefixes=self.series.shortlog_prefixes, where=where)
         return Message(subject, body)
 
     def _render(self, name: str, **context: Any) -> tuple[str, str]:

@@ -129,6 +129,7 @@ class Series:
     patches_dir: Path
     source: Path
     facts: dict[str, Any] = field(default_factory=dict)
+    shortlog_prefixes: tuple[str, ...] = ()
 
     @property
     def branch(self) -> str:
@@ -154,6 +155,7 @@ SERIES = Keys(
         "cover_template": STRING,
         "patches_dir": STRING,
         "templates_dir": STRING,
+        "shortlog_prefixes": STRINGS,  # the subsystem's topics ("KVM: x86/mmu:"), for subjects
         "facts": ANY_TABLE,  # free-form, for the templates: series.facts.v1_link
     }
 )
@@ -296,6 +298,7 @@ def load(config: Config | None = None) -> Series:
         patches_dir=patches_dir,
         source=config.directory / "series.toml",
         facts=info.get("facts", {}),
+        shortlog_prefixes=tuple(info.get("shortlog_prefixes", ())),
     )
     check_diffs([patch.diff for patch in series.patches])
     return series

@@ -18,8 +18,13 @@ from kseries.series import Patch, Person, parse_ident
 SOB = "Signed-off-by"
 CODEV = "Co-developed-by"
 IDENTITY_KEYS = {SOB, CODEV, "Suggested-by", "Reported-by", "Acked-by", "Reviewed-by", "Tested-by"}
-URL_KEYS = {"Link", "Closes"}
 URL_RE = re.compile(r"^https?://[^\s/]+\.[^\s/]+/\S*$")
+# submitting-patches.rst: link to a mailing list archive through lore, by the bare Message-ID;
+# maintainer-kvm-x86.rst: "use lore links". The /all/ and /r/ forms resolve the same.
+LORE_RE = re.compile(r"^https://lore\.kernel\.org/(?:(?:all|r)/)?[^\s/@<>]+@[^\s/@<>]+/?$")
+# submitting-patches.rst: "at least the first 12 characters of the SHA-1 ID, and the one line
+# summary", as `git log --pretty='Fixes: %h ("%s")'` writes it.
+FIXES_RE = re.compile(r'^[0-9a-f]{12,40} \("[^"\n].*"\)$')
 
 # (series field, trailer key) in the order they precede the sign-off chain.
 ATTRIBUTION = (
@@ -104,12 +109,26 @@ def check(trailers: Sequence[Trailer], *, author: str, submitter: str, where: st
                 "names and emails are well-formed",
                 "use 'Full Name <user@example.org>', the name in double quotes if it has a comma",
             )
-        if trailer.key in URL_KEYS and not URL_RE.match(trailer.value):
+        if trailer.key == "Link" and not LORE_RE.match(trailer.value):
             raise TrailerRuleError(
                 where,
                 trailer,
-                f"{trailer.key} values are URLs",
-                "use https://lore.kernel.org/<message-id>",
+                "Link values are lore links built from a Message-ID",
+                "use https://lore.kernel.org/<message-id>, the Message-ID without its <>",
+            )
+        if trailer.key == "Closes" and not URL_RE.match(trailer.value):
+            raise TrailerRuleError(
+                where,
+                trailer,
+                "Closes values are URLs",
+                "use the lore link of the report, or the public bug tracker's URL",
+            )
+        if trailer.key == "Fixes" and not FIXES_RE.match(trailer.value):
+            raise TrailerRuleError(
+                where,
+                trailer,
+                'Fixes values are <12+ hex digits> ("<subject>")',
+                "git log -1 --abbrev=12 --pretty='Fixes: %h (\"%s\")' COMMIT writes one",
             )
         if trailer.key == CODEV:
             if who(trailer.value) == who(author):

@@ -337,7 +337,7 @@ def test_series_facts_reach_the_templates(project: Project) -> None:
         project.configs / "series.toml", "[base]", '[series.facts]\nv1_link = "https://v1"\n[base]'
     )
     (project.root / "templates" / "cover.j2").write_text(
-        "demo: cover\n\nv1: {{ series.facts.v1_link }}\n"
+        "demo: The cover\n\nv1: {{ series.facts.v1_link }}\n"
     )
     loaded = project.series()
     assert loaded.facts == {"v1_link": "https://v1"}

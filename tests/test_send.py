@@ -307,7 +307,7 @@ def test_version_one_is_unnumbered_and_passes_the_numbering_check(
 
 
 def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, tmp_path: Path):
-    summary = "demo: " + "x" * 70  # 76 characters
+    summary = "demo: X" + "x" * 69  # 76 characters: over the firm limit, under the hard one
     (project.root / "templates" / "0002.j2").write_text(f"{summary}\n\nAnd line 30 too.\n")
     man = scratch_postman(project)
     outbox = man.format(tmp_path / "out")
@@ -317,6 +317,69 @@ def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, 
     shown = Console(record=True, width=200)
     shown.print(report(outbox))
     assert "│ warn │ subjects at most 75 characters │ v2-0002-demo-" in shown.export_text()
+
+
+def test_a_commit_amended_past_the_changelog_rules_fails_the_check(
+    project: Project, tmp_path: Path
+) -> None:
+    man = scratch_postman(project)
+    message = git(project.tree, "log", "-1", "--format=%B")
+    edited = message.replace("And line 30 too.", "This patch changes line 30 too.")
+    (project.root / "message").write_text(edited)
+    git(project.tree, "commit", "-q", "--amend", "-F", str(project.root / "message"))
+    outbox = man.format(tmp_path / "out")
+    check = man._changelog_rules(outbox)
+    template = project.root / "templates" / "0002.j2"
+    assert not check.ok
+    assert check.detail.startswith(
+        f"{outbox.mails[2].path.name} ({template}): 'This patch changes line 30 too.' breaks "
+        'the rule: no "this patch"'
+    )
+    assert man._changelog_rules(man.format(tmp_path / "again")) == check  # on disk, not cached
+
+
+# checkpatch.pl's verdict on a patch whose Fixes: id the tree does not hold, and one more fault.
+UNKNOWN_ID = "WARNING:UNKNOWN_COMMIT_ID: Unknown commit id '16f95f3b95ca', maybe rebased?"
+TRAILING = "ERROR:TRAILING_WHITESPACE: trailing whitespace"
+
+
+def fake_checkpatch(tree: Path, *problems: str) -> None:
+    """A scripts/checkpatch.pl that reports `problems` for every patch, as the real one does."""
+    errors, warnings = (sum(p.startswith(kind) for p in problems) for kind in ("ERROR", "WARN"))
+    lines = [*problems, f"total: {errors} errors, {warnings} warnings, 0 checks, 7 lines checked"]
+    (tree / "scripts").mkdir(exist_ok=True)
+    (tree / "scripts" / "checkpatch.pl").write_text(
+        "".join(f"print q({line}), qq(\\n);\n" for line in lines)
+    )
+
+
+def checkpatch_check(man: Postman, tmp_path: Path, name: str) -> Check:
+    outbox = man.format(tmp_path / name)
+    return next(c for c in man.check(outbox, sending=False) if c.name == "checkpatch --strict")
+
+
+def test_an_unknown_commit_id_only_warns_in_a_tree_without_history(
+    project: Project, tmp_path: Path
+) -> None:
+    man = scratch_postman(project)  # the scratch base is a root commit, as the default tree's is
+    fake_checkpatch(project.tree, UNKNOWN_ID)
+    check = checkpatch_check(man, tmp_path, "alone")
+    assert check.ok and check.warn
+    assert "commit ids not verified, the tree has no history before the base" in check.detail
+    fake_checkpatch(project.tree, UNKNOWN_ID, TRAILING)
+    shutil.rmtree(project.tree / ".git" / "kseries" / "cache")  # the patches did not change
+    check = checkpatch_check(man, tmp_path, "with-more")
+    assert not check.ok and TRAILING in check.detail
+
+
+def test_an_unknown_commit_id_fails_in_a_tree_with_history(
+    project: Project, tmp_path: Path
+) -> None:
+    project.upstream_commit(SOURCE.replace("line 40", "line 40 upstream"))
+    man = scratch_postman(project)  # fetched: the base now has a parent
+    fake_checkpatch(project.tree, UNKNOWN_ID)
+    check = checkpatch_check(man, tmp_path, "out")
+    assert not check.ok and UNKNOWN_ID in check.detail
 
 
 # --- `invoke send-series --out`: only its own files are ever deleted ---------------------------

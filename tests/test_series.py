@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -11,6 +12,7 @@ from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.rebase import Rebase
 from kseries.series import load
+from kseries.style import ChangelogRuleError
 from kseries.trailers import TrailerRuleError
 from tests.conftest import Project, git, invoke, one_error
 
@@ -91,7 +93,11 @@ def test_link_that_is_not_a_url_is_refused(project: Project) -> None:
         'links = ["https://lore.kernel.org/all/abc@example.org"]',
         'links = ["abc@example.org"]',
     )
-    refused_before_git(project, r"'Link: abc@example.org' breaks the rule: Link values are URLs")
+    refused_before_git(
+        project,
+        r"'Link: abc@example.org' breaks the rule: Link values are lore links built from a "
+        "Message-ID",
+    )
 
 
 def test_extra_trailer_breaking_the_pairing_is_refused(project: Project) -> None:
@@ -220,3 +226,59 @@ def test_export_reports_a_message_edited_on_the_branch(project: Project) -> None
         " Signed-off-by: Sam Submitter <sam@example.org>",
     ]
     assert {p: p.read_bytes() for p in (project.root / "templates").iterdir()} == templates
+
+
+# --- the changelog rules: one failing case each, named by template, patch and rule -----------
+
+SUBJECT = "demo: Change line 30"
+POSITION = 'no "this patch", "previous patch" or "previous commit" in a changelog'
+
+
+@pytest.mark.parametrize(
+    "text, rule",
+    [
+        (f"{SUBJECT}\n\nWith the previous patch, line 30 follows.\n", POSITION),
+        (f"{SUBJECT}\n\nChange line 30, as this patch must.\n", POSITION),
+        (f"{SUBJECT}\n\nChange line 30 as the previous commit did line 10.\n", POSITION),
+        ("demo: Change " + "x" * 68 + "\n\nAnd line 30 too.\n", "a subject is at most 80"),
+        ("Change line 30\n\nAnd line 30 too.\n", "starts with a 'subsystem: ' prefix"),
+        ("demo: change line 30\n\nAnd line 30 too.\n", "starts with a capital letter"),
+        (f"{SUBJECT}.\n\nAnd line 30 too.\n", "the summary has no ending punctuation"),
+        ("demo: Changes line 30\n\nAnd line 30 too.\n", "the summary is in the imperative mood"),
+        (f"{SUBJECT}\n\nChanged line 30 too.\n", "leads with the change, in the imperative"),
+        (f"{SUBJECT}\n\n{'word ' * 15}words\n", "body lines are wrapped at 75 columns"),
+    ],
+)
+def test_each_changelog_rule_has_a_failing_case(project: Project, text: str, rule: str) -> None:
+    template = project.root / "templates" / "0002.j2"
+    template.write_text(text)
+    error = refused_before_git(project, re.escape(rule), ChangelogRuleError)
+    assert str(error).startswith(f"{template}: patch 2 (0002.diff): '")
+
+
+def test_a_subject_outside_the_configured_prefixes_is_refused(project: Project) -> None:
+    edit(project, "version = 2", 'version = 2\nshortlog_prefixes = ["demo:", "demo/sub:"]')
+    (project.root / "templates" / "0002.j2").write_text("Demo: Change line 30\n\nAnd it.\n")
+    refused_before_git(
+        project,
+        re.escape("the subject starts with a shortlog prefix ('demo:', 'demo/sub:')"),
+        ChangelogRuleError,
+    )
+
+
+def test_the_cover_letter_is_held_to_the_subject_rules(project: Project) -> None:
+    template = project.root / "templates" / "cover.j2"
+    template.write_text("demo: the cover\n\nTwo patches.\n")
+    error = refused_before_git(project, "starts with a capital letter", ChangelogRuleError)
+    assert str(error).startswith(f"{template}: the cover letter: 'demo: the cover' breaks")
+
+
+def test_what_the_rules_must_not_refuse_renders(project: Project) -> None:
+    url = "https://lore.kernel.org/all/" + "x" * 70 + "@example.org"
+    (project.root / "templates" / "0002.j2").write_text(
+        # an imperative ending in -ss, a 75-column line, an unbreakable URL, "patch" alone
+        f"demo/sub: Process line 30\n\nAddress line 30 {'x' * 59}\n{url}\nLink:  {url}\n"
+        "Patch line 30 as the other patch in this file did.\n"
+    )
+    series = project.series()
+    assert Changelog(series).message(series.patches[1]).subject == "demo/sub: Process line 30"

@@ -103,7 +103,24 @@ GOOD_TAIL = (
         ),
         (
             ("Link: lore.kernel.org/all/Zr-8M9rYplgN6IS3@google.com", *GOOD_TAIL),
-            "Link values are URLs",
+            "Link values are lore links built from a Message-ID",
+        ),
+        (
+            ("Link: https://lkml.org/lkml/2024/8/16/1055", *GOOD_TAIL),
+            "Link values are lore links built from a Message-ID",
+        ),
+        (
+            ("Link: https://lore.kernel.org/all/?q=memory_fault", *GOOD_TAIL),
+            "Link values are lore links built from a Message-ID",
+        ),
+        (("Closes: bug 1234", *GOOD_TAIL), "Closes values are URLs"),
+        (
+            ('Fixes: 16f95f3b ("KVM: Add KVM_EXIT_MEMORY_FAULT exit")', *GOOD_TAIL),
+            r'Fixes values are <12\+ hex digits> \("<subject>"\)',
+        ),
+        (
+            ("Fixes: 16f95f3b95ca KVM: Add KVM_EXIT_MEMORY_FAULT exit", *GOOD_TAIL),
+            r'Fixes values are <12\+ hex digits> \("<subject>"\)',
         ),
         (
             ("Suggested-by: Sean Christopherson seanjc@google.com", *GOOD_TAIL),
@@ -120,6 +137,20 @@ def test_each_rule_has_a_failing_case(lines: tuple[str, ...], rule: str) -> None
     with pytest.raises(TrailerRuleError, match=rule) as error:
         check(block(*lines))
     assert str(error.value).startswith("patch 1 (x): '")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Link: https://lore.kernel.org/Zr-8M9rYplgN6IS3@google.com",
+        "Link: https://lore.kernel.org/all/20240809205158.1340255-3-amoorthy@google.com/",
+        "Link: https://lore.kernel.org/r/30th.anniversary.repost@klaava.Helsinki.FI",
+        "Closes: https://bugzilla.kernel.org/show_bug.cgi?id=1234",
+        'Fixes: 16f95f3b95ca ("KVM: Add KVM_EXIT_MEMORY_FAULT exit to report faults to userspace")',
+    ],
+)
+def test_lore_links_and_a_well_formed_fixes_pass(line: str) -> None:
+    check(block(line, *GOOD_TAIL))
 
 
 def test_parse_reads_what_git_sees() -> None:
