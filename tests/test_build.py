@@ -27,6 +27,7 @@ from rich.console import Console
 
 from kseries import build
 from kseries.build import STEP, BuildError, KconfigIndex, Manifest
+from kseries.build.kconfig import _evaluate
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
@@ -211,7 +212,7 @@ def run_make(tmp_path: Path, recipe: list[str], **options: Any) -> build.Outcome
     (tree / "Makefile").write_text("all:\n" + "".join(f"\t@{line}\n" for line in recipe))
     with (tmp_path / "build.log").open("w") as log_file:
         target = build.Target("all", ("all",))
-        runner = build.Build(tree, tmp_path / "out", target, jobs=1, log_file=log_file, **options)
+        runner = build.MakeRun(tree, tmp_path / "out", target, jobs=1, log_file=log_file, **options)
         return runner.run()
 
 
@@ -299,7 +300,7 @@ def test_kconfig_index_names_the_dependency(tmp_path: Path) -> None:
 )
 def test_kconfig_expressions(expr: str, value: int) -> None:
     values = {"A": "y", "B": "m", "S": '"x86"', "N": "16"}
-    assert build._evaluate(expr, values) == value
+    assert _evaluate(expr, values) == value
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from kseries import ui
-from kseries.build import Build, Target
+from kseries.build import MakeRun, Target
 
 MAKEFILE = """\
 all:
@@ -29,7 +29,7 @@ def test_a_make_run_off_a_terminal_prints_plain_progress_lines(
     console = Console(file=out, width=200)
     assert not console.is_terminal
     with (tmp_path / "build.log").open("w") as log:
-        outcome = Build(
+        outcome = MakeRun(
             tree,
             tmp_path / "out",
             Target("all", ("all",)),

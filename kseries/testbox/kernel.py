@@ -1,6 +1,6 @@
 """The kernel under test: a bzImage, what it claims to be, and the build that made it.
 
-`invoke build` writes a manifest next to each bzImage (kseries/build.py) and points
+`invoke build` writes a manifest next to each bzImage (kseries/build/manifest.py) and points
 ~/.cache/kseries/build/last.json at the newest. This module reads a manifest through one small,
 tolerant function (`read_manifest`), so the test-box stage depends only on the few fields it
 needs: the image's path, sha256, kernelrelease and utsversion, plus the tree and commit for the
@@ -79,7 +79,7 @@ def image_version(data: bytes) -> tuple[str, str]:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The few manifest fields this stage uses, tolerating shape changes in the rest:
     {"bzimage": path, "sha256", "kernelrelease", "utsversion", "tree", "commit", "dirty"}.
-    `bzimage` may be an object {path, sha256, size} (build.py's FileId) or a plain path."""
+    `bzimage` may be an object {path, sha256, size} (kseries.build's FileId) or a plain path."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:

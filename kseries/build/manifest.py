@@ -1,0 +1,171 @@
+"""The manifest: the JSON record written next to the kernel image (tree, branch, commit, kernel
+release, utsversion, image and config sha256, fragments, wall time, ccache hit rate), enough to
+prove which kernel a test box runs. ~/.cache/kseries/build/last.json points at the newest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kseries.build.toolchain import IMAGE, Target, _env
+from kseries.core import run as door
+from kseries.errors import ToolkitError
+from kseries.paths import cache_dir
+
+STATE_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileId:
+    path: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileId:
+        return cls(str(path), sha256_file(path), path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What was built, from what: enough to prove which kernel a test box runs."""
+
+    tree: str
+    branch: str | None
+    commit: str
+    dirty: bool  # the tree had uncommitted changes: the commit alone does not identify it
+    kernelrelease: str
+    utsversion: str
+    target: str
+    bzimage: FileId | None
+    config: FileId
+    base_config: str
+    fragments: list[dict[str, str]]  # name, path, sha256
+    wall_time_s: float
+    ccache: dict[str, Any] | None  # hits, misses, hit_rate
+    distcc_hosts: str
+    jobs: int
+    build_dir: str
+    log: str
+    built_at: str
+    path: str = ""  # where this manifest is stored (not part of the JSON)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("path")
+        return json.dumps({"version": STATE_VERSION, **data}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, path: str = "") -> Manifest:
+        data = json.loads(text)
+        data.pop("version", None)
+        for key in ("bzimage", "config"):
+            if data.get(key):
+                data[key] = FileId(**data[key])
+        return cls(**data, path=path)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            return cls.from_json(path.read_text(), str(path))
+        except (OSError, ValueError, TypeError) as e:
+            raise ToolkitError(f"build manifest {path}: {e}", "run `invoke build` again") from e
+
+    def write(self, path: Path) -> Manifest:
+        _write_atomic(path, self.to_json())
+        return Manifest.from_json(self.to_json(), str(path))
+
+
+def last_build() -> Manifest:
+    """The manifest of the newest kernel image `invoke build` made (the test box's default)."""
+    pointer = cache_dir() / "build" / "last.json"
+    if not pointer.is_file():
+        raise ToolkitError(f"no kernel built yet ({pointer} is missing)", "run `invoke build`")
+    return Manifest.load(Path(json.loads(pointer.read_text())["manifest"]))
+
+
+def summary(manifest: Manifest) -> str:
+    """What `invoke build` prints on success."""
+    lines = []
+    if manifest.bzimage:
+        size = manifest.bzimage.size / (1 << 20)
+        lines.append(f"built {manifest.bzimage.path} ({size:.1f} MiB)")
+        lines.append(f"  sha256   {manifest.bzimage.sha256}")
+    else:
+        lines.append(f"built {manifest.target} in {manifest.build_dir}")
+    lines.append(f"  kernel   {manifest.kernelrelease} {manifest.utsversion}")
+    branch = manifest.branch or "(detached)"
+    dirty = " + uncommitted changes" if manifest.dirty else ""
+    lines.append(f"  source   {manifest.tree} {branch} {manifest.commit[:12]}{dirty}")
+    names = ", ".join(f["name"] for f in manifest.fragments) or "none"
+    lines.append(f"  config   {Path(manifest.base_config).name} + {names}")
+    if manifest.ccache:
+        c = manifest.ccache
+        calls = c["hits"] + c["misses"]
+        rate = f"{c['hit_rate']:.0%} hits ({c['hits']} of {calls})" if calls else "nothing compiled"
+        lines.append(f"  ccache   {rate}")
+    if manifest.distcc_hosts:
+        lines.append(f"  distcc   {manifest.distcc_hosts} (-j{manifest.jobs})")
+    lines.append(f"  time     {manifest.wall_time_s:.1f} s")
+    lines.append(f"  manifest {manifest.path}")
+    return "\n".join(lines)
+
+
+def kernelrelease(tree: Path, build_dir: Path) -> str:
+    """`make -s kernelrelease` of a configured build directory."""
+    done = door.run(
+        ["make", "-s", "-C", tree, f"O={build_dir}", "kernelrelease"],
+        cwd=tree,
+        env=_env(),
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def utsversion(build_dir: Path) -> str:
+    """The UTS_VERSION the kernel reports in /proc/version ("#3 SMP PREEMPT <date>")."""
+    header = build_dir / "include/generated/utsversion.h"
+    match = re.search(r'UTS_VERSION "(.*)"', header.read_text()) if header.is_file() else None
+    return match.group(1) if match else ""
+
+
+def _record(manifest: Manifest, target: Target, build_dir: Path, set_last: bool) -> Manifest:
+    """Write the manifest next to the image (and point last.json at it), or, for a target
+    without one, into the build directory's kseries/."""
+    if target.artifact != IMAGE or manifest.bzimage is None:
+        return manifest.write(build_dir / "kseries" / f"manifest-{_safe(target.name)}.json")
+    manifest = manifest.write((build_dir / IMAGE).parent / "manifest.json")
+    if set_last:
+        pointer = {
+            "manifest": manifest.path,
+            "bzimage": manifest.bzimage.path if manifest.bzimage else "",
+            "kernelrelease": manifest.kernelrelease,
+            "utsversion": manifest.utsversion,
+        }
+        _write_atomic(cache_dir() / "build" / "last.json", json.dumps(pointer, indent=2) + "\n")
+    return manifest
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
