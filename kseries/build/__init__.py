@@ -16,11 +16,12 @@ Three concepts, tuxmake-style:
   hit rate).
 
 Targets, the tools they need and make's environment (distcc, ccache) are toolchain.py.
-`build()` (orchestrate.py) composes them; `invoke build` calls it. The build directory
-defaults to ~/.cache/kseries/build/<tree-key>/ and is kept between runs, so a rebuild is
-incremental. The toolkit's own files live in its `kseries/` subdirectory (log, step counts,
-config stamp); ~/.cache/kseries/build/last.json points at the newest kernel image for the
-test-box stage.
+`Build` (orchestrate.py) composes them: it checks every input as it is made, then runs the
+configure, make and manifest phases; `build()` runs one, and `invoke build` calls it. The
+build directory defaults to ~/.cache/kseries/build/<tree-key>/ and is kept between runs, so a
+rebuild is incremental. The toolkit's own files live in its `kseries/` subdirectory (log, step
+counts, config stamp); ~/.cache/kseries/build/last.json points at the newest kernel image for
+the test-box stage.
 """
 
 from kseries.build.failure import STEP, BuildError, failure
@@ -39,6 +40,7 @@ from kseries.build.manifest import (
 )
 from kseries.build.orchestrate import (
     BUILD,
+    Build,
     build,
     check_kernel_tree,
     default_build_dir,
@@ -62,6 +64,7 @@ __all__ = [
     "STATE_VERSION",
     "STEP",
     "TOOLS",
+    "Build",
     "BuildConfig",
     "BuildError",
     "FileId",

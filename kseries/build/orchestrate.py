@@ -14,16 +14,17 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 
 from kseries import tree as tree_stage
 from kseries.build.failure import BuildError
 from kseries.build.fragments import BuildConfig
-from kseries.build.make import MakeRun
+from kseries.build.make import MakeRun, Outcome
 from kseries.build.manifest import (
     STATE_VERSION,
     FileId,
@@ -117,102 +118,180 @@ def build(
     make's ARCH (e.g. i386 for the 32-bit build of the check stage); empty: the host's.
     Raises ToolkitError for anything the user can fix.
     """
-    started = time.monotonic()
-    settings = config.table("build", BUILD)
-    build_config = BuildConfig.resolve(
-        base_config or settings.get("base_config") or "tinyconfig",
-        list(fragments) or list(settings.get("fragments", [])),
-        config.directory,
-        arch,
-    )
-    chosen = Target.resolve(
-        target or settings.get("target") or "bzImage", settings.get("targets", {})
-    )
-    hosts = distcc or settings.get("distcc_hosts", "")
-    use_ccache = bool(not hosts and settings.get("ccache", True) and shutil.which("ccache"))
-    check_tools([*TOOLS, *chosen.needs, *(["distcc"] if hosts else [])])
-    chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
-    work = tree_stage.open_tree(config, tree, log=log)
-    check_kernel_tree(work.path)
-    build_dir = chosen_dir or default_build_dir(work.path)
-    if build_dir == work.path or work.path in build_dir.parents:
-        raise ToolkitError(
-            f"build directory {build_dir} is inside the tree {work.path}",
-            "pass --out with a directory outside the tree (default: ~/.cache)",
+    return Build(
+        config,
+        tree=tree,
+        out=out,
+        fragments=fragments,
+        base_config=base_config,
+        jobs=jobs,
+        target=target,
+        distcc=distcc,
+        arch=arch,
+        verbose=verbose,
+        log=log,
+        console=console,
+        set_last=set_last,
+    ).run()
+
+
+class Build:
+    """One build of a tree's checked-out commit, tuxmake-style: the constructor checks every
+    input (config inputs, target, tools, build directory, tree), so that a wrong one is refused
+    before any work; `run()` then takes the build directory's lock and runs the timed phases
+    (configure, make, manifest). The arguments are build()'s.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tree: str = "",
+        out: str = "",
+        fragments: Sequence[str] = (),
+        base_config: str = "",
+        jobs: int = 0,
+        target: str = "",
+        distcc: str = "",
+        arch: str = "",
+        verbose: bool = False,
+        log: Log = print,
+        console: Console | None = None,
+        set_last: bool = True,
+    ) -> None:
+        self.started = time.monotonic()  # the manifest's wall time counts the checks too
+        self.log, self.verbose, self.console, self.set_last = log, verbose, console, set_last
+        settings = config.table("build", BUILD)
+        self.config = BuildConfig.resolve(
+            base_config or settings.get("base_config") or "tinyconfig",
+            list(fragments) or list(settings.get("fragments", [])),
+            config.directory,
+            arch,
         )
-    cpus = os.cpu_count() or 1
-    jobs = jobs or int(settings.get("jobs") or 0) or max(cpus, distcc_jobs(hosts))
-    env: dict[str, str] = {}
-    make_vars: list[str] = [f"ARCH={arch}"] if arch else []
-    if hosts:
-        make_vars.append("CC=distcc gcc")
-        env["DISTCC_HOSTS"] = hosts
-    elif use_ccache:
-        make_vars.append("CC=ccache gcc")
-        env.update(_ccache_basedir(work.path, build_dir))
-    own = build_dir / "kseries"
-    own.mkdir(parents=True, exist_ok=True)
-    with (
-        exclusive(own / "lock", f"build: waiting for another build in {own.parent}", log),
-        _Source(work) as source,
-    ):
-        state = _read_state(own / "state.json")
-        with (own / "build.log").open("w") as log_file:
-            log_file.write(f"# kseries build of {work.path} in {build_dir}\n")
-            build_config.prepare(work.path, build_dir, make_vars, log_file, state, log)
-            _write_state(own / "state.json", state)
-            config_sha = sha256_file(build_dir / ".config")
-            built_before = state.get("built", {}).get(chosen.name) == config_sha
-            key = f"{config_sha[:16]}:{chosen.name}:{'incremental' if built_before else 'full'}"
-            stats_log = own / "ccache-stats.log" if use_ccache else None
-            if stats_log:
-                stats_log.write_text("")
-                env["CCACHE_STATSLOG"] = str(stats_log)
-            runner = MakeRun(
-                work.path,
-                build_dir,
-                chosen,
-                jobs=jobs,
-                make_vars=make_vars,
-                env=env,
-                log_file=log_file,
-                verbose=verbose,
-                console=console,
-                expected=state.get("steps", {}).get(key, 0),
+        self.target = Target.resolve(
+            target or settings.get("target") or "bzImage", settings.get("targets", {})
+        )
+        self.hosts = distcc or settings.get("distcc_hosts", "")
+        use_ccache = bool(
+            not self.hosts and settings.get("ccache", True) and shutil.which("ccache")
+        )
+        check_tools([*TOOLS, *self.target.needs, *(["distcc"] if self.hosts else [])])
+        chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
+        self.work = tree_stage.open_tree(config, tree, log=log)
+        self.tree = self.work.path
+        check_kernel_tree(self.tree)
+        self.build_dir = chosen_dir or default_build_dir(self.tree)
+        if self.build_dir == self.tree or self.tree in self.build_dir.parents:
+            raise ToolkitError(
+                f"build directory {self.build_dir} is inside the tree {self.tree}",
+                "pass --out with a directory outside the tree (default: ~/.cache)",
             )
-            try:
-                outcome = runner.run()
-            except BuildError as e:
-                for line in e.context:
-                    log(f"  {line}")
-                raise
-        state.setdefault("steps", {})[key] = len(outcome.steps)
-        state.setdefault("built", {})[chosen.name] = config_sha
-        _write_state(own / "state.json", state)
-        manifest = Manifest(
-            tree=str(work.path),
+        cpus = os.cpu_count() or 1
+        self.jobs = jobs or int(settings.get("jobs") or 0) or max(cpus, distcc_jobs(self.hosts))
+        self.env: dict[str, str] = {}
+        self.make_vars: list[str] = [f"ARCH={arch}"] if arch else []
+        if self.hosts:
+            self.make_vars.append("CC=distcc gcc")
+            self.env["DISTCC_HOSTS"] = self.hosts
+        elif use_ccache:
+            self.make_vars.append("CC=ccache gcc")
+            self.env.update(_ccache_basedir(self.tree, self.build_dir))
+        self.own = self.build_dir / "kseries"  # the toolkit's files: lock, log, state, stats
+        self.stats_log = self.own / "ccache-stats.log" if use_ccache else None
+        self.seconds: dict[str, float] = {}  # each phase's duration, once it has run
+
+    def run(self) -> Manifest:
+        """Configure, make, write the manifest; return it (see build())."""
+        self.own.mkdir(parents=True, exist_ok=True)
+        with (
+            exclusive(
+                self.own / "lock", f"build: waiting for another build in {self.build_dir}", self.log
+            ),
+            _Source(self.work) as source,
+        ):
+            state = _read_state(self.own / "state.json")
+            with (self.own / "build.log").open("w") as log_file:
+                log_file.write(f"# kseries build of {self.tree} in {self.build_dir}\n")
+                with self._phase("configure"):
+                    config_sha = self._configure(log_file, state)
+                with self._phase("make"):
+                    key, outcome = self._make(log_file, state, config_sha)
+            with self._phase("manifest"):
+                state.setdefault("steps", {})[key] = len(outcome.steps)
+                state.setdefault("built", {})[self.target.name] = config_sha
+                _write_state(self.own / "state.json", state)
+                return _record(
+                    self._manifest(source, outcome), self.target, self.build_dir, self.set_last
+                )
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - started, 2)
+
+    def _configure(self, log_file: IO[str], state: dict[str, Any]) -> str:
+        """BUILD/.config from the config inputs (kept if they have not changed); its sha256."""
+        self.config.prepare(self.tree, self.build_dir, self.make_vars, log_file, state, self.log)
+        _write_state(self.own / "state.json", state)
+        return sha256_file(self.build_dir / ".config")
+
+    def _make(
+        self, log_file: IO[str], state: dict[str, Any], config_sha: str
+    ) -> tuple[str, Outcome]:
+        """The make run, its progress bar sized by the step count of the last run like it
+        (same config and target, full or incremental); that run's key and outcome."""
+        built_before = state.get("built", {}).get(self.target.name) == config_sha
+        key = f"{config_sha[:16]}:{self.target.name}:{'incremental' if built_before else 'full'}"
+        if self.stats_log:
+            self.stats_log.write_text("")
+            self.env["CCACHE_STATSLOG"] = str(self.stats_log)
+        runner = MakeRun(
+            self.tree,
+            self.build_dir,
+            self.target,
+            jobs=self.jobs,
+            make_vars=self.make_vars,
+            env=self.env,
+            log_file=log_file,
+            verbose=self.verbose,
+            console=self.console,
+            expected=state.get("steps", {}).get(key, 0),
+        )
+        try:
+            return key, runner.run()
+        except BuildError as e:
+            for line in e.context:
+                self.log(f"  {line}")
+            raise
+
+    def _manifest(self, source: _Source, outcome: Outcome) -> Manifest:
+        image = self.build_dir / IMAGE
+        return Manifest(
+            tree=str(self.tree),
             branch=source.branch,
             commit=source.commit,
             dirty=source.dirty(),
-            kernelrelease=kernelrelease(work.path, build_dir),
-            utsversion=utsversion(build_dir),
-            target=chosen.name,
-            bzimage=FileId.of(build_dir / IMAGE) if (build_dir / IMAGE).is_file() else None,
-            config=FileId.of(build_dir / ".config"),
-            base_config=build_config.base,
+            kernelrelease=kernelrelease(self.tree, self.build_dir),
+            utsversion=utsversion(self.build_dir),
+            target=self.target.name,
+            bzimage=FileId.of(image) if image.is_file() else None,
+            config=FileId.of(self.build_dir / ".config"),
+            base_config=self.config.base,
             fragments=[
                 {"name": f.name, "path": str(f.path), "sha256": sha256_file(f.path)}
-                for f in build_config.fragments
+                for f in self.config.fragments
             ],
-            wall_time_s=round(time.monotonic() - started, 2),
-            ccache=ccache_stats(stats_log) if stats_log else None,
-            distcc_hosts=hosts,
-            jobs=jobs,
-            build_dir=str(build_dir),
+            wall_time_s=round(time.monotonic() - self.started, 2),
+            ccache=ccache_stats(self.stats_log) if self.stats_log else None,
+            distcc_hosts=self.hosts,
+            jobs=self.jobs,
+            build_dir=str(self.build_dir),
             log=str(outcome.log),
             built_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
-        return _record(manifest, chosen, build_dir, set_last)
 
 
 class _Source:
