@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from kseries.build.toolchain import IMAGE, Target, _env
 from kseries.core import run as door
+from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
 
@@ -85,7 +85,7 @@ class Manifest:
             raise ToolkitError(f"build manifest {path}: {e}", "run `invoke build` again") from e
 
     def write(self, path: Path) -> Manifest:
-        _write_atomic(path, self.to_json())
+        write_atomic(path, self.to_json())
         return Manifest.from_json(self.to_json(), str(path))
 
 
@@ -156,16 +156,9 @@ def _record(manifest: Manifest, target: Target, build_dir: Path, set_last: bool)
             "kernelrelease": manifest.kernelrelease,
             "utsversion": manifest.utsversion,
         }
-        _write_atomic(cache_dir() / "build" / "last.json", json.dumps(pointer, indent=2) + "\n")
+        write_atomic(cache_dir() / "build" / "last.json", json.dumps(pointer, indent=2) + "\n")
     return manifest
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", name)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)

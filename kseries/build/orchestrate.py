@@ -30,7 +30,6 @@ from kseries.build.manifest import (
     FileId,
     Manifest,
     _record,
-    _write_atomic,
     kernelrelease,
     sha256_file,
     utsversion,
@@ -46,7 +45,7 @@ from kseries.build.toolchain import (
 )
 from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Names
 from kseries.core import run as door
-from kseries.core.files import exclusive, output_dir
+from kseries.core.files import exclusive, output_dir, write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import cache_dir
@@ -333,4 +332,4 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
-    _write_atomic(path, json.dumps({**state, "version": STATE_VERSION}, indent=2) + "\n")
+    write_atomic(path, json.dumps({**state, "version": STATE_VERSION}, indent=2) + "\n")
