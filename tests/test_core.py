@@ -87,3 +87,13 @@ def test_try_exclusive_is_refused_while_another_holder_has_it(tmp_path: Path) ->
         assert os.waitstatus_to_exitcode(status) == 0
     with files.try_exclusive(lock) as again:
         assert again
+
+
+def test_write_atomic_keeps_the_mode_of_what_it_replaces(tmp_path: Path) -> None:
+    fresh, kept, private = tmp_path / "fresh", tmp_path / "kept", tmp_path / "private"
+    kept.write_text("x")
+    kept.chmod(0o664)
+    files.write_atomic(fresh, "a")
+    files.write_atomic(kept, "b")
+    files.write_atomic(private, "c", mode=0o600)
+    assert [p.stat().st_mode & 0o777 for p in (fresh, kept, private)] == [0o644, 0o664, 0o600]

@@ -58,7 +58,8 @@ def scratch_name(path: Path) -> Path:
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None:
-    """Replace `path` with `data` in one step: readers see the old file or the new, never half."""
+    """Replace `path` with `data` in one step: readers see the old file or the new, never half.
+    The file keeps its mode (or gets `mode`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
@@ -66,12 +67,20 @@ def write_atomic(path: Path, data: str | bytes, mode: int | None = None) -> None
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(name, mode)
+        os.chmod(name, mode if mode is not None else _mode_of(path))
         os.replace(name, path)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+def _mode_of(path: Path) -> int:
+    """The replaced file's mode, else a plain file's 0644: mkstemp's 0600 is for scratch files,
+    not for a diff in patches/ or a manifest."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o644
 
 
 def remove_stale(directory: Path) -> None:
