@@ -234,6 +234,6 @@ def _run_kconfig(cmd: Sequence[str], tree: Path, output: IO[str]) -> None:
     first = first.replace(f"{tree}/", "")
     step = Path(cmd[0]).name if cmd[0] != "make" else f"make {cmd[-1]}"
     raise ToolkitError(
-        f"Kconfig failed in {step} (exit {done.returncode}): {first.strip()}",
+        f"Kconfig failed in {step} (exit {done.status}): {first.strip()}",
         f"the whole output is in {output.name}; a Kconfig syntax error names its file:line",
     )
