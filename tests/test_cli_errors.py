@@ -49,8 +49,8 @@ def test_an_unwritable_out(project: Project, tmp_path: Path) -> None:
     need_mounts()
     out = tmp_path / "ro"
     out.mkdir()
-    one_error(invoke(project, "changelog", "--out", str(out), read_only=out),
-              f"--out {out} is not writable")  # fmt: skip
+    done = invoke(project, "changelog", "--out", str(out), read_only=out)
+    one_error(done, f"--out {out} is not writable")
     assert list(out.iterdir()) == []
 
 
