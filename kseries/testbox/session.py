@@ -39,7 +39,7 @@ from kseries.testbox import boot, kernel, suite
 from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.machine import Machine, last_lines, write_console
 from kseries.testbox.qemu import QemuBox
-from kseries.testbox.report import Run
+from kseries.testbox.report import UNDER_TEST, Run
 from kseries.testbox.runner import collect_dmesg, run_tests, scan_dmesg
 from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
 from kseries.testbox.trace import FaultTrace, Trace
@@ -347,7 +347,7 @@ def test_remote(
         known = suite.load_tests(settings)
         specs = suite.soak(suite.select(known, tests), cycles, duration, known)
         under_test = kernel.load(kernel_spec)
-        label = "kernel"
+        label = UNDER_TEST
         subjects = [Subject(label, under_test)]
         if compare:
             ref = reference(compare, under_test, config, log)
