@@ -182,7 +182,7 @@ def test_the_table_shows_the_mmu_each_column_ran(tmp_path: Path) -> None:
     out = Console(width=160, record=True, color_system=None)
     out.print(report.table(runs))
     text = out.export_text()
-    mmu_row = next(line for line in text.splitlines() if "MMU (read on the box)" in line)
+    mmu_row = next(line for line in text.splitlines() if "MMU (read)" in line)
     assert "TDP MMU" in mmu_row and "legacy TDP MMU" in mmu_row
     assert "not as claimed" in text and "AMD EPYC Processor" in text
     report.write(tmp_path, runs, {})

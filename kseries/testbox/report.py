@@ -127,7 +127,7 @@ def table(runs: Sequence[Run]) -> Table:
         else:
             boot_row.append(cell("error"))
     if any(run.kvm for run in runs):
-        grid.add_row("MMU (read on the box)", *(_mmu_cell(run.kvm) for run in runs))
+        grid.add_row("MMU (read)", *(_mmu_cell(run.kvm) for run in runs))
         grid.add_row("CPU", *(run.kvm.cpu or "?" if run.kvm else "-" for run in runs))
     grid.add_row("boot + identity", *boot_row)
     for name in names:
