@@ -141,7 +141,8 @@ def prepare(c: Context, tree: str = "") -> None:
 @task(
     help={
         "tree": TREE_HELP,
-        "boxes": "test boxes to boot the series on (default: local,local-shadow: TDP and shadow)",
+        "boxes": "test boxes to boot the series on (default: local,local-legacy-tdp,local-shadow: "
+        "KVM's TDP MMU, legacy TDP MMU and shadow MMU)",
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
         "no_check": "skip `invoke check` (the per-commit builds of every gate)",
@@ -152,7 +153,7 @@ def prepare(c: Context, tree: str = "") -> None:
 def pipeline(
     c: Context,
     tree: str = "",
-    boxes: str = "local,local-shadow",
+    boxes: str = "local,local-legacy-tdp,local-shadow",
     compare: str = "",
     no_compare: bool = False,
     no_check: bool = False,

@@ -34,7 +34,7 @@ from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
-from kseries.testbox import boot, kernel, suite
+from kseries.testbox import boot, kernel, mmu, suite
 from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.group import Group
 from kseries.testbox.machine import Machine, last_lines, write_console
@@ -79,7 +79,7 @@ class BoxSession:
     def staged(self, subject: kernel.Kernel) -> boot.Staged:
         box, qemu = self.box, self.machine.qemu
         initrd_path = box.initrd or (qemu.initramfs() if qemu else None)
-        cmdline = qemu.kernel_cmdline(box.cmdline) if qemu else box.cmdline
+        cmdline = qemu.kernel_cmdline(box.cmdline) if qemu else box.with_kvm_params(box.cmdline)
         if qemu is not None and self.method.name == "qemu":
             # QEMU reads the image from disk at start: give it a private copy, so a rebuild of
             # the tree's bzImage in the meantime cannot change what boots.
@@ -88,7 +88,8 @@ class BoxSession:
                 write_atomic(private, subject.data)
             subject = replace(subject, path=private)
         initrd = initrd_path.read_bytes() if initrd_path else None
-        return boot.Staged(subject, initrd, initrd_path, cmdline)
+        reuse = qemu is None and not box.cmdline  # kexec keeps the box's own line
+        return boot.Staged(subject, initrd, initrd_path, cmdline, reuse_cmdline=reuse)
 
     def reach(self) -> boot.Identity | None:
         """The identity before the switch; None when a local box is (re)started anyway."""
@@ -194,6 +195,8 @@ class BoxSession:
         )
         if machine.qemu is not None and staged.initrd_path is not None:
             machine.qemu.remember_good(staged.kernel.data, staged.initrd_path, record.after)
+        record.kvm = mmu.read(machine.remote(), box.kvm_claims)
+        self.log(f"{subject.label}: MMU {record.kvm.mmu}, CPU {record.kvm.cpu or '?'}")
         t = time.monotonic()
         remote = machine.remote()
         traced = self.tracer.attach(remote) if self.tracer else None
