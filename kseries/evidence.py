@@ -74,16 +74,13 @@ class Soak:
 class Gate:
     name: str
     description: str
-    commits: int
 
 
 @dataclass(frozen=True)
 class Evidence:
     """What the Testing section says, and what the pre-send check says about it."""
 
-    branch: str
     report: Path
-    finished_at: str
     series: Kernel
     base: Kernel | None
     boxes: tuple[Box, ...]
@@ -148,9 +145,7 @@ def find(tree: WorkTree, series: Series) -> Evidence:
             retest,
         )
     check = records.read(records.check_record(tree, branch), "check record", "invoke check")
-    return _evidence(
-        branch, tip, path, report, check or {}, pointer, records.recorded_base(tree, branch)
-    )
+    return _evidence(tip, path, report, check or {}, pointer, records.recorded_base(tree, branch))
 
 
 def _moved(tree: WorkTree, tested: str, tip: str) -> str:
@@ -165,7 +160,6 @@ def _moved(tree: WorkTree, tested: str, tip: str) -> str:
 
 
 def _evidence(
-    branch: str,
     tip: str,
     path: Path,
     report: dict[str, Any],
@@ -208,9 +202,11 @@ def _evidence(
         if gate.get("failed"):
             failures.append(f"check gate {name} failed on {len(gate['failed'])} commit(s)")
         else:
-            gates.append(Gate(name, str(gate.get("description", "")), int(gate.get("commits", 0))))
+            gates.append(Gate(name, str(gate.get("description", ""))))
     if not gates and not failures:
         warnings.append(f"no `invoke check` record of {tip[:12]}: the section names no gates")
+    if not mine:
+        failures.append("the report has no run of the series kernel")
     failures += [
         f"{r.get('box')} ({r.get('kernel', {}).get('kernelrelease', '?')}): {r.get('verdict')}"
         + (f": {r['reason']}" if r.get("reason") else "")
@@ -218,9 +214,7 @@ def _evidence(
         if r.get("verdict") != "pass"
     ]
     return Evidence(
-        branch=branch,
         report=path,
-        finished_at=str(report.get("finished_at", "")),
         series=series,
         base=base,
         boxes=tuple(boxes),
@@ -285,7 +279,7 @@ def _outcomes(
             mine = [r for r in runs if r.get("box") == box.name]
             base = [r for r in mine if r.get("label") != SERIES]
             key = (
-                _status(base[0], test) if with_base and base else "",
+                _status(base[0] if base else None, test) if with_base else "",
                 _status(next((r for r in mine if r.get("label") == SERIES), None), test),
             )
             groups.setdefault(key, []).append(box.label)

@@ -3,10 +3,10 @@
 The scratch project's series is rebased for real; report.json is written by the test-box
 stage's own report.write() and the pointer by records.remember_test_report(), as test-remote
 writes them, and the check record by the check stage's own Check._record(). No box is booted
-here (a slow run of the whole chain would need two kernel builds and QEMU boots of the series,
-the pipeline's job): the runs' verdicts and metrics are given. One thing is added by hand: each
-run's "kvm" (the MMU and CPU read from the box), the shared contract's key that the "mmu3"
-change makes Run.to_json write; an old report is one without it.
+for these: the runs' verdicts and metrics are given. One thing is added by hand: each run's
+"kvm" (the MMU and CPU read from the box), the shared contract's key that the "mmu3" change
+makes Run.to_json write; an old report is one without it. The last test (slow) runs the real
+chain, with a real QEMU box, on the 7.2 tree.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from typing import Any
 
 import pytest
 
-from kseries import check, records
+from kseries import build, check, records
 from kseries import series as series_stage
 from kseries.config import Config
 from kseries.errors import ToolkitError
-from kseries.paths import PROJECT
+from kseries.gitrepo import WorkTree
+from kseries.paths import PROJECT, cache_dir
 from kseries.rebase import Rebase
 from kseries.send import Outbox, Postman, SendSettings
-from kseries.testbox import report
+from kseries.testbox import local, report, session
+from kseries.testbox.box import TestboxConfig
 from kseries.testbox.kernel import Kernel
 from kseries.testbox.runner import TestResult
 from tests.conftest import Project, git, invoke, one_error
@@ -366,3 +368,59 @@ def test_a_cover_template_changed_since_the_rebase_is_refused(sent: Project, tmp
     with pytest.raises(ToolkitError, match=r"is not what .* renders now"):
         postman(sent).format(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- the real chain: rebase, build, test-remote on a QEMU box, send-series --------------------
+
+
+@pytest.mark.slow
+def test_the_real_chain_puts_its_own_report_in_the_cover_letter(
+    series_clone: Path, tmp_path: Path
+) -> None:
+    """The series rebased onto the 7.2 tree (series_clone), its kernel built by the build
+    stage, test-remote with --compare on the `local` box (its state under tmp), then the dry
+    run: the real cover letter carries what that run found. Nothing is mocked; no `invoke
+    check` runs here (its record is covered above), so the section names no gates and the
+    check warns. Warm: one incremental build of each kernel and two TCG boots, 3-6 minutes."""
+    configs = tmp_path / "configs"
+    shutil.copytree(PROJECT / "configs", configs, ignore=shutil.ignore_patterns("local.toml"))
+    (configs / "local.toml").write_text(f'[box.local.qemu]\nstate_dir = "{tmp_path / "box"}"\n')
+    config = Config.load(configs)
+    manifest = build.build(
+        config,
+        tree=str(series_clone),
+        out=str(cache_dir() / "ci-series" / "build" / "linux"),
+        set_last=False,
+        log=lambda _: None,
+    )
+    try:
+        runs, directory = session.test_remote(
+            config,
+            boxes=["local"],
+            kernel_spec=manifest.path,
+            tests=["smoke", "memory_fault_exit_test", "vfio-bar-race"],
+            compare="kvm-x86/next",
+            out=str(tmp_path / "report"),
+            log=print,
+        )
+    finally:
+        local.down(TestboxConfig.load(config).box("local"), log=lambda _: None)
+    assert [r.verdict for r in runs] == ["fail", "pass"], [(r.verdict, r.reason) for r in runs]
+    tree = WorkTree(series_clone)
+    series = series_stage.load(config)
+    pointer = json.loads(records.report_pointer(tree, series.branch).read_text())
+    assert pointer["report"] == str(directory / "report.json")
+    assert pointer["commit"] == tree.rev(f"refs/heads/{series.branch}") == manifest.commit
+    man = Postman(tree, series, SendSettings(config, series))
+    outbox = man.format(tmp_path / "out")
+    man.rehearse(outbox)
+    letter = outbox.mails[0].path.read_text()
+    print(letter[: letter.index("base-commit:")])
+    text = letter[letter.index("Testing:") : letter.index("\nv1:")]
+    assert f"  series: {manifest.commit[:12]}, {manifest.kernelrelease}" in text
+    assert "  memory_fault_exit_test: FAIL -> PASS (" in text
+    assert "  vfio-bar-race: FAIL -> PASS (" in text
+    assert all(len(line) <= 72 for line in text.splitlines()), text
+    assert not outbox.failed, outbox.failed
+    evidence = next(c for c in outbox.checks if c.name == "test evidence")
+    assert evidence.warn and "no `invoke check` record" in evidence.detail
