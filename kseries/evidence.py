@@ -67,7 +67,7 @@ class Soak:
     test: str
     kernel: str  # "base" or "series"
     boxes: int
-    figures: dict[str, int | float | None]  # None: not a number on every box
+    figures: dict[str, Any]  # metric -> the figure; a metric with no sum is left out
 
 
 @dataclass(frozen=True)
@@ -299,30 +299,18 @@ def _status(run: dict[str, Any] | None, test: str) -> str:
 
 
 def _soaks(soak_report: dict[str, list[dict[str, Any]]]) -> Iterable[Soak]:
+    """Per soak test and kernel, the report's own "all boxes" sums (or its one box's row)."""
     for test, rows in soak_report.items():
-        rows = [r for r in rows if r.get("box") != "all boxes"]
-        labels = dict.fromkeys(r.get("kernel") for r in rows)
-        for label in sorted(labels, key=lambda k: k == SERIES):  # the base first
-            mine = [r for r in rows if r.get("kernel") == label]
-            keys = [k for k in mine[0] if k not in SOAK_KEYS]
-            yield Soak(
-                test,
-                "series" if label == SERIES else "base",
-                len(mine),
-                {k: _sum(r.get(k) for r in mine) for k in keys},
+        for label in sorted(
+            dict.fromkeys(r.get("kernel") for r in rows), key=lambda k: k == SERIES
+        ):
+            mine = [r for r in rows if r.get("kernel") == label and r.get("box") != "all boxes"]
+            total = next(
+                (r for r in rows if r.get("kernel") == label and r.get("box") == "all boxes"),
+                mine[0],
             )
-
-
-def _sum(values: Iterable[Any]) -> int | float | None:
-    """Whole numbers add up as such; anything that is not a number on some box has no sum."""
-    values = list(values)
-    for kind in (int, float):
-        try:
-            total = sum(kind(v) for v in values)
-        except (TypeError, ValueError):
-            continue
-        return total if kind is int else round(total, 2)
-    return None
+            figures = {k: v for k, v in total.items() if k not in SOAK_KEYS and v != "-"}
+            yield Soak(test, "series" if label == SERIES else "base", len(mine), figures)
 
 
 # --- the cover letter -------------------------------------------------------------------------

@@ -19,20 +19,20 @@ from typing import Any
 
 import pytest
 
-from kseries import build, check, records
+from kseries import check, records
 from kseries import series as series_stage
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import PROJECT, cache_dir
+from kseries.paths import PROJECT
 from kseries.rebase import Rebase
 from kseries.send import Outbox, Postman, SendSettings
-from kseries.testbox import local, report, session
-from kseries.testbox.box import TestboxConfig
+from kseries.testbox import report, session
 from kseries.testbox.kernel import Kernel
 from kseries.testbox.runner import TestResult
 from tests.conftest import Project, git, invoke, one_error
 from tests.test_send import fake_checkpatch
+from tests.test_vfio_bar_race import config, series_kernel  # noqa: F401  (fixtures)
 
 COVER = """demo: The cover
 
@@ -183,15 +183,14 @@ def checked(project: Project, failed: bool = False) -> None:
         for g in gates
         for sha, subject in pairs
     ]
-    config = Config.load(project.configs)
     base = records.recorded_base(tree, "demo-v2") or ""
-    check.Check(config, tree)._record(gates, "demo-v2", base, pairs, results)
+    check.Check(Config.load(project.configs), tree)._record(gates, "demo-v2", base, pairs, results)
 
 
 def postman(project: Project, testing: bool = True) -> Postman:
-    config = Config.load(project.configs)
-    series = series_stage.load(config)
-    return Postman(project.worktree(), series, SendSettings(config, series), testing=testing)
+    loaded = Config.load(project.configs)
+    series = series_stage.load(loaded)
+    return Postman(project.worktree(), series, SendSettings(loaded, series), testing=testing)
 
 
 def cover(outbox: Outbox) -> str:
@@ -375,49 +374,40 @@ def test_a_cover_template_changed_since_the_rebase_is_refused(sent: Project, tmp
 
 @pytest.mark.slow
 def test_the_real_chain_puts_its_own_report_in_the_cover_letter(
-    series_clone: Path, tmp_path: Path
+    config: Config,  # noqa: F811  (the fixtures imported above)
+    series_kernel: Path,  # noqa: F811
+    series_clone: Path,
+    tmp_path: Path,
 ) -> None:
-    """The series rebased onto the 7.2 tree (series_clone), its kernel built by the build
-    stage, test-remote with --compare on the `local` box (its state under tmp), then the dry
-    run: the real cover letter carries what that run found. Nothing is mocked; no `invoke
-    check` runs here (its record is covered above), so the section names no gates and the
-    check warns. Warm: one incremental build of each kernel and two TCG boots, 3-6 minutes."""
-    configs = tmp_path / "configs"
-    shutil.copytree(PROJECT / "configs", configs, ignore=shutil.ignore_patterns("local.toml"))
-    (configs / "local.toml").write_text(f'[box.local.qemu]\nstate_dir = "{tmp_path / "box"}"\n')
-    config = Config.load(configs)
-    manifest = build.build(
+    """The series rebased onto the 7.2 tree (series_clone), its kernel built by the build stage
+    (both fixtures are test_vfio_bar_race's: the project's configs with the local boxes' state
+    under tmp), test-remote with --compare on the `local` box, then the dry run: the real cover
+    letter carries what that run found. Nothing is mocked; no `invoke check` runs here (its
+    record is covered above), so the section names no gates and the check warns. Warm: one
+    incremental build of each kernel and two TCG boots."""
+    runs, directory = session.test_remote(
         config,
-        tree=str(series_clone),
-        out=str(cache_dir() / "ci-series" / "build" / "linux"),
-        set_last=False,
-        log=lambda _: None,
+        boxes=["local"],
+        kernel_spec=str(series_kernel),
+        tests=["smoke", "memory_fault_exit_test", "vfio-bar-race"],
+        compare="kvm-x86/next",
+        out=str(tmp_path / "report"),
+        log=print,
     )
-    try:
-        runs, directory = session.test_remote(
-            config,
-            boxes=["local"],
-            kernel_spec=manifest.path,
-            tests=["smoke", "memory_fault_exit_test", "vfio-bar-race"],
-            compare="kvm-x86/next",
-            out=str(tmp_path / "report"),
-            log=print,
-        )
-    finally:
-        local.down(TestboxConfig.load(config).box("local"), log=lambda _: None)
     assert [r.verdict for r in runs] == ["fail", "pass"], [(r.verdict, r.reason) for r in runs]
     tree = WorkTree(series_clone)
     series = series_stage.load(config)
+    tip = tree.rev(f"refs/heads/{series.branch}")
     pointer = json.loads(records.report_pointer(tree, series.branch).read_text())
     assert pointer["report"] == str(directory / "report.json")
-    assert pointer["commit"] == tree.rev(f"refs/heads/{series.branch}") == manifest.commit
+    assert pointer["commit"] == tip and pointer["local_qemu"] == ["local"]
     man = Postman(tree, series, SendSettings(config, series))
     outbox = man.format(tmp_path / "out")
     man.rehearse(outbox)
     letter = outbox.mails[0].path.read_text()
     print(letter[: letter.index("base-commit:")])
     text = letter[letter.index("Testing:") : letter.index("\nv1:")]
-    assert f"  series: {manifest.commit[:12]}, {manifest.kernelrelease}" in text
+    assert f"  series: {tip[:12]}, {runs[1].kernel['kernelrelease']}" in text
     assert "  memory_fault_exit_test: FAIL -> PASS (" in text
     assert "  vfio-bar-race: FAIL -> PASS (" in text
     assert all(len(line) <= 72 for line in text.splitlines()), text

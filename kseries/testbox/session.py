@@ -416,7 +416,7 @@ def test_remote(
                 "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
         )
-        if under_test.branch and Path(under_test.tree).is_dir():  # send's test evidence
+        if under_test.branch and (Path(under_test.tree) / ".git").exists():  # send's evidence
             records.remember_test_report(
                 WorkTree(Path(under_test.tree)),
                 under_test.to_json(),
