@@ -185,9 +185,13 @@ class Check:
         results: Sequence[Result],
     ) -> None:
         """Keep, per gate, which commits it built and which failed, for send's cover letter
-        (records.check_record); the other gates' entries stay, so `--gate X` adds to them."""
+        (records.check_record); the other gates' entries stay, so `--gate X` adds to them. A
+        damaged record is replaced: this run's gates are all it can vouch for."""
         path = records.check_record(self.tree, branch)
-        data = records.read(path, "check record", "invoke check") or {}
+        try:
+            data = records.read(path, "check record", "invoke check") or {}
+        except ToolkitError:
+            data = {}
         every = dict(data.get("gates") or {})
         for gate in gates:
             mine = [r for r in results if r.gate == gate.name]
