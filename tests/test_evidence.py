@@ -369,6 +369,28 @@ def test_a_cover_template_changed_since_the_rebase_is_refused(sent: Project, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_the_check_record_keeps_other_gates_and_replaces_a_damaged_one(sent: Project) -> None:
+    path = records.check_record(sent.worktree(), "demo-v2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{")  # damaged: this run's gates are all the check can vouch for
+    checked(sent)
+    tree = sent.worktree()
+    pairs = [(tip(sent), "demo: Change line 30")]
+    gate = check.Gate("i386-kvm-W1", "defconfig", ("kvm-i386",), "kvm-W1", arch="i386")
+    result = check.Result(gate.name, tip(sent), "demo: Change line 30", True)
+    check.Check(Config.load(sent.configs), tree)._record([gate], "demo-v2", "b", pairs, [result])
+    gates = json.loads(path.read_text())["gates"]
+    assert sorted(gates) == ["i386-kvm-W1", "kvm-selftests", "x86_64-kvm-W1"]
+    assert gates["i386-kvm-W1"] == {
+        "description": "",
+        "base": "b",
+        "tip": tip(sent),
+        "commits": 1,
+        "failed": [],
+    }
+    assert gates["x86_64-kvm-W1"]["commits"] == 2
+
+
 # --- the real chain: rebase, build, test-remote on a QEMU box, send-series --------------------
 
 
