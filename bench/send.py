@@ -95,7 +95,7 @@ def main() -> None:
             "-r",
             str(PROJECT),
             "send-series",
-            "--no-testing",  # the clone has no test report: raw git has no Testing section
+            "--untested",  # the clone has no test report: raw git has no Testing section
             "--tree",
             str(clone),
             "--out",

@@ -105,7 +105,7 @@ def find(tree: WorkTree, series: Series) -> Evidence:
     base_ref = f"{series.base.remote}/{series.base.branch}"
     retest = (
         f"run `invoke build` and `invoke test-remote --compare {base_ref}` on it (`invoke "
-        "pipeline` does both), or add --no-testing to send without a Testing section"
+        "pipeline` does both), or add --untested to send without a Testing section"
     )
     pointer = records.read(
         records.report_pointer(tree, branch), "test-remote record", "invoke test-remote"
@@ -351,12 +351,12 @@ def prepare(tree: WorkTree, series: Series) -> Testing:
             f"the cover letter in {series.branch}'s description is not what {template} renders "
             "now (it changed since `invoke rebase`)",
             "run `invoke rebase`, which renders it again (new commits: test them again), or "
-            "add --no-testing to send the description as it is",
+            "add --untested to send the description as it is",
         )
     full = changelog.cover_letter(evidence=evidence).body
     if full == plain:
         raise ToolkitError(
             f"{template} has no place for the Testing section",
-            'add {% include "cover-testing.j2" %} where it goes, or add --no-testing',
+            'add {% include "cover-testing.j2" %} where it goes, or add --untested',
         )
     return Testing(evidence, plain, full)

@@ -355,7 +355,7 @@ class Postman:
         """The test report the Testing section came from: a failed series run or check gate
         fails (it would be mailed as evidence); what the report lacks only warns."""
         if outbox.testing is None:
-            return Check("test evidence", True, "no Testing section (--no-testing)", warn=True)
+            return Check("test evidence", True, "no Testing section (--untested)", warn=True)
         return Check("test evidence", *outbox.testing.evidence.verdict())
 
     def _sender(self, sending: bool) -> Check:

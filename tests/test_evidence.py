@@ -254,7 +254,7 @@ def test_the_testing_section_from_the_report(sent: Project, tmp_path: Path) -> N
     assert not outbox.failed, outbox.failed
 
 
-def test_the_rebase_renders_no_testing_section(sent: Project) -> None:
+def test_the_rebase_renders_untested_section(sent: Project) -> None:
     """The branch description is rendered before any test: the slot stays empty there."""
     description = sent.worktree().git("config", "branch.demo-v2.description")
     assert "Testing" not in description and "Thanks." in description
@@ -271,7 +271,7 @@ def test_a_branch_moved_since_the_report_is_refused(sent: Project, tmp_path: Pat
         f"branch is now {tip(sent)[:12]} (rebuilt since, e.g. by a rebase)",
         "run `invoke build` and `invoke test-remote --compare kvm-x86/next` on it",
     )
-    assert "--no-testing" in done.stderr
+    assert "--untested" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -292,14 +292,14 @@ def test_no_report_is_refused_with_the_command_to_run(sent: Project, tmp_path: P
         f"no test-remote report of demo-v2 ({tip(sent)[:12]}): the cover letter's Testing "
         "section is made from one",
         "run `invoke build` and `invoke test-remote --compare kvm-x86/next` on it (`invoke "
-        "pipeline` does both), or add --no-testing to send without a Testing section",
+        "pipeline` does both), or add --untested to send without a Testing section",
     )
     assert not (tmp_path / "out").exists()
-    done = send_series(sent, "--out", str(tmp_path / "out"), "--no-testing")
+    done = send_series(sent, "--out", str(tmp_path / "out"), "--untested")
     assert done.returncode == 0, done.stderr
     letter = next((tmp_path / "out").glob("*0000-cover-letter.patch")).read_text()
     assert "Testing" not in letter and "Thanks." in letter
-    assert "no Testing section (--no-testing)" in done.stdout
+    assert "no Testing section (--untested)" in done.stdout
 
 
 def test_an_old_report_without_the_mmu(sent: Project, tmp_path: Path) -> None:

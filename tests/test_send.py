@@ -390,7 +390,7 @@ def send_series(project: Project, *args: str) -> subprocess.CompletedProcess[str
     """`invoke send-series` on the scratch tree, from the project's root as a user stands (with
     no test report: tests/test_evidence.py covers the Testing section)."""
     return invoke(
-        project, "send-series", "--tree", str(project.tree), "--no-testing", *args, cwd=project.root
+        project, "send-series", "--tree", str(project.tree), "--untested", *args, cwd=project.root
     )
 
 
