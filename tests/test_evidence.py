@@ -120,6 +120,8 @@ def report_of(
     boxes: tuple[str, ...] = tuple(BOXES),
     series_status: str = "pass",
     dirty: bool = False,
+    compare: bool = True,
+    local_qemu: tuple[str, ...] = tuple(BOXES),
 ) -> Path:
     """A test-remote run of the branch's tip against the base, on `boxes`: report.json and the
     pointer to it, as test-remote writes them. Without `kvm`, a report from before test-remote
@@ -131,14 +133,15 @@ def report_of(
     base = kernel(project, base_sha, "7.2.13", branch="")
     runs = []
     for box in boxes:
-        runs.append(
-            run(
-                box,
-                "ref kvm-x86/next",
-                base,
-                {"smoke": "pass", "fault_test": "fail", "vfio-bar-race": "fail"},
+        if compare:
+            runs.append(
+                run(
+                    box,
+                    "ref kvm-x86/next",
+                    base,
+                    {"smoke": "pass", "fault_test": "fail", "vfio-bar-race": "fail"},
+                )
             )
-        )
         runs.append(
             run(
                 box,
@@ -153,7 +156,7 @@ def report_of(
         runs,
         {
             "kernel": series.to_json(),
-            "compare": "kvm-x86/next",
+            "compare": "kvm-x86/next" if compare else None,
             "boxes": list(boxes),
             "tests": ["smoke", "fault_test", "vfio-bar-race"],
             "finished_at": "2026-12-01T23:00:00+00:00",
@@ -165,7 +168,7 @@ def report_of(
             mmu, cpu, params = BOXES[entry["box"]]
             entry["kvm"] = {"mmu": mmu, "cpu": cpu, "params": params}
         path.write_text(json.dumps(data, indent=2))
-    records.remember_test_report(project.worktree(), series.to_json(), path, list(boxes))
+    records.remember_test_report(project.worktree(), series.to_json(), path, list(local_qemu))
     return path
 
 
@@ -326,6 +329,23 @@ def test_an_old_report_without_the_mmu(sent: Project, tmp_path: Path) -> None:
         evidence.detail
     )
     assert "no `invoke check` record" in evidence.detail
+
+
+def test_no_base_and_a_real_machine_are_said_so(sent: Project, tmp_path: Path) -> None:
+    """test-remote without --compare, on a box of its own (not a local QEMU box)."""
+    report_of(sent, compare=False, boxes=("local", "local-shadow"), local_qemu=("local",))
+    man = postman(sent)
+    outbox = man.format(tmp_path / "out")
+    text = section(cover(outbox))
+    assert "  local: AMD EPYC, TDP MMU, QEMU guest" in text
+    assert "  local-shadow: QEMU Virtual CPU version 2.5+, shadow MMU, real\n    machine" in text
+    assert "ran nested" not in text
+    assert "Tests, series only (the base was not tested):" in text
+    assert "  fault_test: PASS (TDP MMU, shadow MMU)" in text
+    assert "  series (2 boxes): 400 MEM toggles, 400 memory-fault exits, 0 VM" in text
+    assert "base (" not in text
+    assert text.endswith("Not run: VMX/EPT (no Intel CPU here), KVM-unit-tests.")
+    assert "no base kernel in the report" in man._evidence(outbox).detail
 
 
 def test_a_failing_series_run_or_gate_fails_the_check(sent: Project, tmp_path: Path) -> None:
