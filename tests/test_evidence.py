@@ -438,12 +438,13 @@ def test_the_real_chain_puts_its_own_report_in_the_cover_letter(
     )
     assert [r.verdict for r in runs] == ["fail", "pass"], [(r.verdict, r.reason) for r in runs]
     tree = WorkTree(series_clone)
-    series = series_stage.load(config)
+    project = Config.load()  # the series' own configs (the fixture's has no patches/)
+    series = series_stage.load(project)
     tip = tree.rev(f"refs/heads/{series.branch}")
     pointer = json.loads(records.report_pointer(tree, series.branch).read_text())
     assert pointer["report"] == str(directory / "report.json")
     assert pointer["commit"] == tip and pointer["local_qemu"] == ["local"]
-    man = Postman(tree, series, SendSettings(config, series))
+    man = Postman(tree, series, SendSettings(project, series))
     outbox = man.format(tmp_path / "out")
     man.rehearse(outbox)
     letter = outbox.mails[0].path.read_text()
