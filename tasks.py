@@ -253,6 +253,8 @@ def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
         "says so explicitly, e.g. in a script: refused together with --send)",
         "send": "really send, after every check passed and a confirmation",
         "yes": "with --send: do not ask for confirmation",
+        "untested": "no Testing section in the cover letter, so no test-remote report of "
+        "the branch is needed (default: the newest report of exactly this commit, or refused)",
     }
 )
 @edge
@@ -263,6 +265,7 @@ def send_series(
     dry_run: bool = False,
     send: bool = False,
     yes: bool = False,
+    untested: bool = False,
 ) -> None:
     """Format the series as mails, address and check them, then git send-email (dry run)."""
     if dry_run and send:
@@ -283,6 +286,7 @@ def send_series(
         tree_stage.open_tree(config, tree, log=log),
         series,
         send_stage.SendSettings(config, series),
+        testing=not untested,
     )
     outbox = postman.format(Path(out) if out else PROJECT / "out" / series.branch)
     if not send:

@@ -28,11 +28,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kseries import records
 from kseries.config import Config
 from kseries.core.files import exclusive, write_atomic
 from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import boot, kernel, mmu, suite
 from kseries.testbox.box import Box, TestboxConfig
@@ -400,7 +402,7 @@ def test_remote(
         runs = [r for box_runs in Group(chosen).run(one_box).values_or_raise() for r in box_runs]
         from kseries.testbox import report
 
-        report.write(
+        written, _ = report.write(
             directory,
             runs,
             {
@@ -413,6 +415,13 @@ def test_remote(
                 "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
         )
+        if under_test.branch and (Path(under_test.tree) / ".git").exists():  # send's evidence
+            records.remember_test_report(
+                WorkTree(Path(under_test.tree)),
+                under_test.to_json(),
+                written,
+                [b.name for b in chosen if b.is_local_qemu],
+            )
         latest = directory.parent / "latest"
         if not out and (not latest.exists() or latest.is_symlink()):
             latest.unlink(missing_ok=True)
