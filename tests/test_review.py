@@ -27,8 +27,12 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
+from kseries import series as series_stage
+from kseries.config import Config
+from kseries.rebase import Rebase
 from kseries.review import harvest as harvest_stage
 from kseries.review import sent as sent_stage
+from kseries.send import Postman, SendSettings
 from kseries.testbox.qemu import free_port
 from tests.conftest import Project, git, invoke, one_error
 from tests.test_send import fake_checkpatch
@@ -336,10 +340,24 @@ def sent(project: Project, tmp_path: Path) -> Iterator[list[EmailMessage]]:
     controller.start()
     try:
         configure(project, port, f"http://127.0.0.1:{free_port()}/test")  # nothing listens
-        send(project, tmp_path / "mails")
+        send_here(project, tmp_path / "mails")  # as send-series --send does, without start-ups
         yield handler.mails
     finally:
         controller.stop()
+
+
+def send_here(project: Project, out: Path) -> None:
+    """`invoke rebase` and `invoke send-series --send --yes`, in this process."""
+    config = Config.load(project.configs)
+    series = series_stage.load(config)
+    tree = project.worktree()
+    Rebase(tree, series, log=lambda _: None).start(remote="kvm-x86", branch="next")
+    postman = Postman(tree, series, SendSettings(config, series))
+    outbox = postman.format(out)
+    postman.check(outbox, sending=True)
+    assert not outbox.failed, outbox.failed
+    postman.send(outbox, dry_run=False)
+    sent_stage.record_send(config, tree, series, outbox, dry_run=False)
 
 
 def write_mbox(path: Path, *mails: EmailMessage | bytes) -> Path:
