@@ -13,6 +13,7 @@ import email
 import email.policy
 import gzip
 import os
+import shutil
 import smtplib
 import subprocess
 import time
@@ -566,3 +567,40 @@ def test_the_changes_section_must_name_each_changed_patch() -> None:
     assert not sent_stage.names_patch(section, 2, "demo: Something else")
     assert sent_stage.names_patch("- patches 4 and 5: x", 5, "demo: y")
     assert sent_stage.changes_section(cover, 1) is None
+
+
+def test_the_real_cover_letter_of_v3_has_both_changes_and_the_v2_link(tmp_path: Path) -> None:
+    from kseries.changelog import Changelog
+    from kseries.paths import PROJECT
+    from kseries.review.data import Edit, Sent, SentPatch
+
+    for name in ("configs", "templates", "patches"):
+        shutil.copytree(PROJECT / name, tmp_path / name)
+    config = Config.load(tmp_path / "configs")
+    v2 = series_stage.load(config)
+    edit = Edit(config)
+    edit.add_sent(
+        Sent(
+            2,
+            v2.branch,
+            "Tue, 01 Dec 2026 23:30:00 +0000",
+            "a" * 40,
+            "b" * 40,
+            "sent/x",
+            "",
+            "cover.1.git.x@example.org",
+            "https://lore.kernel.org/all/cover.1.git.x@example.org/",
+            (),
+            (),
+            tuple(SentPatch(f"{n}.x@example.org", "s", "p", "d") for n in (1, 2, 3)),
+        )
+    )
+    edit.set_version(3)
+    edit.write(series_stage.load)
+    (tmp_path / "templates" / "changes-since-v2.j2").write_text(
+        "Changes since v2:\n - Reword patch 1.\n"
+    )
+    cover = Changelog(series_stage.load(Config.load(tmp_path / "configs"))).cover_letter().body
+    assert "\n\nChanges since v2:\n - Reword patch 1.\n\nChanges since v1:\n" in cover
+    assert "\nv2:\n  https://lore.kernel.org/all/cover.1.git.x@example.org/\n" in cover
+    assert cover.index("v1:\n  https://lore") < cover.index("v2:\n  https://lore")

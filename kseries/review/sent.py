@@ -9,6 +9,7 @@ per patch, so "changed since v2" needs neither the old branch nor the network.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import hashlib
 import re
@@ -168,7 +169,9 @@ def build_record(
     return Sent(
         version=series.version,
         branch=series.branch,
-        date=email.utils.formatdate(localtime=False, usegmt=False),
+        date=email.utils.format_datetime(
+            datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        ),
         base=base,
         tip=tip,
         tag=tag_name(series.branch),
