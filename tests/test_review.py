@@ -12,6 +12,7 @@ from __future__ import annotations
 import email
 import email.policy
 import gzip
+import json
 import os
 import shutil
 import smtplib
@@ -24,12 +25,14 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from aiosmtpd.controller import Controller
 
 from kseries import series as series_stage
 from kseries.config import Config
+from kseries.errors import ToolkitError
 from kseries.rebase import Rebase
 from kseries.review import harvest as harvest_stage
 from kseries.review import sent as sent_stage
@@ -604,3 +607,49 @@ def test_the_real_cover_letter_of_v3_has_both_changes_and_the_v2_link(tmp_path: 
     assert "\n\nChanges since v2:\n - Reword patch 1.\n\nChanges since v1:\n" in cover
     assert "\nv2:\n  https://lore.kernel.org/all/cover.1.git.x@example.org/\n" in cover
     assert cover.index("v1:\n  https://lore") < cover.index("v2:\n  https://lore")
+
+
+def test_a_bad_review_toml_is_one_error_naming_file_table_and_key(project: Project) -> None:
+    path = project.configs / "review.toml"
+    row = '[[trailer]]\npatch = 1\nkey = "Reviewed-by"\nperson = "maint"\nversion = 2\n'
+    path.write_text(row + 'message_id = "a@b"\nmesage_id = "typo"\n')
+    with pytest.raises(ToolkitError) as caught:
+        project.series()
+    assert caught.value.message == f"{path} [[trailer]] #1: unknown setting mesage_id"
+    path.write_text(row.replace('"Reviewed-by"', '"Reviewd-by"') + 'message_id = "a@b"\n')
+    with pytest.raises(ToolkitError, match=r"\[\[trailer\]\] #1: key must be one of Reviewed-by"):
+        project.series()
+    path.write_text(row.replace('"maint"', '"nobody"') + 'message_id = "a@b"\n')
+    with pytest.raises(ToolkitError, match=r"#1: unknown person 'nobody'"):
+        project.series()
+    path.write_text(row + 'message_id = "a@b"\n')
+    assert [p.key for p in project.series().patches[0].reviewed_by] == ["maint"]
+
+
+def test_status_shows_the_verdicts_of_the_exact_tip(project: Project, tmp_path: Path) -> None:
+    from kseries.review import status as status_stage
+
+    series = project.series()
+    tree = project.worktree()
+    Rebase(tree, series, log=lambda _: None).start(remote="kvm-x86", branch="next")
+    tip = tree.rev(series.branch)
+    rows = [SimpleNamespace(gate="x86_64-kvm-W1", commit=tip, ok=True)]
+    status_stage.record_check(tree, rows)
+    reports = tmp_path / "test-remote"
+    for stamp, commit, verdict in (("20261201-1", tip, "pass"), ("20261201-2", "f" * 40, "fail")):
+        (reports / stamp).mkdir(parents=True)
+        (reports / stamp / "report.json").write_text(
+            json.dumps(
+                {
+                    "kernel": {"commit": commit},
+                    "runs": [{"box": "local", "label": "kernel", "verdict": verdict}],
+                }
+            )
+        )
+    shown = str(status_stage.status(series, tree, tmp_path / "out", reports))
+    assert "check: x86_64-kvm-W1 ok" in shown
+    assert "test-remote: local/kernel pass (20261201-1)" in shown
+    assert "branch vs data: matches" in shown
+    (project.root / "templates" / "0002.j2").write_text("demo: Change line 30\n\nReworded.\n")
+    shown = str(status_stage.status(project.series(), tree, tmp_path / "out", reports))
+    assert "patch 2 (0002.diff): message differ" in shown
