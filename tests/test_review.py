@@ -169,11 +169,26 @@ def run_ok(project: Project, *args: str) -> str:
     return done.stdout
 
 
+def send_cli(project: Project, out: Path) -> subprocess.CompletedProcess[str]:
+    """`invoke send-series --send --yes` of the scratch series, mails written into `out`."""
+    return invoke(
+        project,
+        "send-series",
+        "--tree",
+        str(project.tree),
+        "--send",
+        "--yes",
+        "--out",
+        str(out),
+        cwd=project.root,
+    )
+
+
 def send(project: Project, out: Path) -> str:
     run_ok(project, "rebase", "--tree", str(project.tree))
-    return run_ok(
-        project, "send-series", "--tree", str(project.tree), "--send", "--yes", "--out", str(out)
-    )
+    done = send_cli(project, out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def review_toml(project: Project) -> dict:
@@ -248,7 +263,14 @@ def trailer_blocks(repo: Path, base: str, tip: str) -> list[str]:
 
 @pytest.mark.slow
 def test_round_trip_through_public_inbox_and_b4(project: Project, lists: Lists) -> None:
-    started = time.monotonic()
+    started = laps = time.monotonic()
+    timings = []
+
+    def lap(step: str) -> None:
+        nonlocal laps
+        timings.append(f"{step} {time.monotonic() - laps:.1f} s")
+        laps = time.monotonic()
+
     configure(project, lists.smtp, lists.url)
     tree = project.worktree()
     # 1. v2 goes out through SMTP into the inbox, and is recorded
@@ -260,12 +282,14 @@ def test_round_trip_through_public_inbox_and_b4(project: Project, lists: Lists) 
     cover, patch1, patch2 = lists.handler.mails
     assert cover["Message-ID"].strip("<>") == v2["cover"]
     assert f"\nchange-id: {CHANGE_ID}\n" in text(cover)
+    lap("send v2")
     # 2. the maintainer's b4 shazam gives the series branch's tree and trailers
     repo = maintainer_repo(project, lists.url)
     base = v2["base"]
     got = shazam(repo, base, v2["cover"], "v2")
     assert git(repo, "rev-parse", f"{got}^{{tree}}") == tree.git("rev-parse", "demo-v2^{tree}")
     assert trailer_blocks(repo, base, got) == trailer_blocks(project.tree, base, "demo-v2")
+    lap("b4 shazam v2")
     # 3. a review with a real Reviewed-by, and one that only quotes an Acked-by
     real = reply(
         patch1,
@@ -279,6 +303,7 @@ def test_round_trip_through_public_inbox_and_b4(project: Project, lists: Lists) 
     )
     lists.post(real)
     lists.post(quoted)
+    lap("replies")
     # 4. trailers --apply over HTTP takes exactly the real one
     out = run_ok(project, "trailers", "--apply")
     assert review_toml(project)["trailer"] == [
@@ -291,23 +316,14 @@ def test_round_trip_through_public_inbox_and_b4(project: Project, lists: Lists) 
         }
     ]
     assert "quoted, not the sender's: '> Acked-by: Ann Author <ann@example.org>'" in out
+    lap("trailers --apply")
     # 5. v3: patch 2's changelog changes; the cover must say so before it can go
     (project.root / "templates" / "0002.j2").write_text(
         "demo: Change line 30\n\nAnd line 30 too, as asked.\n"
     )
     out = run_ok(project, "new-version", "--tree", str(project.tree))
     assert "started v3: demo-v3" in out and "changed since v2: patch 2 (message)" in out
-    refused = invoke(
-        project,
-        "send-series",
-        "--tree",
-        str(project.tree),
-        "--send",
-        "--yes",
-        "--out",
-        str(project.root / "mails-v3"),
-        cwd=project.root,
-    )
+    refused = send_cli(project, project.root / "mails-v3")
     assert refused.returncode == 1
     assert "no 'Changes since v2:' section" in refused.stdout
     assert len(lists.handler.mails) == 5  # nothing more went out
@@ -320,6 +336,7 @@ def test_round_trip_through_public_inbox_and_b4(project: Project, lists: Lists) 
     cover3 = lists.handler.mails[5]
     assert cover3["Subject"].startswith("[PATCH v3 0/2]")
     assert f"v2: {lists.url}/{v2['cover']}/" in text(cover3)
+    lap("v3: new-version, refusal, send")
     # 6. b4 shazam of v3 carries the Reviewed-by; the inbox's v3 cover the same change-id
     got3 = shazam(repo, v3["base"], v3["cover"], "v3")
     blocks = trailer_blocks(repo, v3["base"], got3)
@@ -329,7 +346,8 @@ def test_round_trip_through_public_inbox_and_b4(project: Project, lists: Lists) 
     assert f"\nchange-id: {CHANGE_ID}\r\n" in gzip.decompress(thread).decode()
     status = run_ok(project, "status", "--tree", str(project.tree))
     assert "v3: branch demo-v3" in status and "branch vs data: matches" in status
-    print(f"round trip: {time.monotonic() - started:.1f} s")
+    lap("b4 shazam v3, status")
+    print(f"round trip: {time.monotonic() - started:.1f} s ({', '.join(timings)})")
 
 
 # --- the cases around it: on the scratch series sent to an SMTP server alone, replies in mbox --
@@ -528,17 +546,7 @@ def test_a_trailer_on_a_patch_changed_since_is_warned_about_not_applied(
 def test_a_version_is_sent_once_and_status_shows_it(
     project: Project, sent: list[EmailMessage], tmp_path: Path
 ) -> None:
-    again = invoke(
-        project,
-        "send-series",
-        "--tree",
-        str(project.tree),
-        "--send",
-        "--yes",
-        "--out",
-        str(tmp_path / "again"),
-        cwd=project.root,
-    )
+    again = send_cli(project, tmp_path / "again")
     assert again.returncode == 1 and "v2 was sent on" in again.stdout
     status = run_ok(project, "status", "--tree", str(project.tree))
     assert "sent:\n  v2 on " in status and "sent/demo-v2;" in status
