@@ -236,13 +236,14 @@ def build(
 def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
     """Build every commit of the series in each gate's config; fail on new warnings."""
     from kseries import check as check_stage
+    from kseries import series as series_stage
     from kseries.review.status import record_check
     from kseries.tree import open_tree
 
     config = Config.load()
     work = open_tree(config, tree, log)
     results = check_stage.check(config, work, gates=_names(gate), log=log)
-    record_check(work, results)  # for `invoke status`
+    record_check(work, series_stage.load(config).branch, results)  # for `invoke status`
     console.print(check_stage.table(results))
     for line in check_stage.details(results):
         console.print(line, markup=False, highlight=False, soft_wrap=True)

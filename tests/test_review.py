@@ -642,7 +642,7 @@ def test_status_shows_the_verdicts_of_the_exact_tip(project: Project, tmp_path: 
     Rebase(tree, series, log=lambda _: None).start(remote="kvm-x86", branch="next")
     tip = tree.rev(series.branch)
     rows = [SimpleNamespace(gate="x86_64-kvm-W1", commit=tip, ok=True)]
-    status_stage.record_check(tree, rows)
+    status_stage.record_check(tree, series.branch, rows)
     reports = tmp_path / "test-remote"
     for stamp, commit, verdict in (("20261201-1", tip, "pass"), ("20261201-2", "f" * 40, "fail")):
         (reports / stamp).mkdir(parents=True)

@@ -31,14 +31,16 @@ def check_record(tree: WorkTree) -> Path:
     return tree.git_path(f"{DIR}/last-check.json")
 
 
-def record_check(tree: WorkTree, results: list[Any]) -> None:
-    """What `invoke check` concluded, keyed on the tip it checked (the last commit's row)."""
-    if not results:
+def record_check(tree: WorkTree, branch: str, results: list[Any]) -> None:
+    """What `invoke check` concluded, keyed on the tip of the branch it checked (a gate that
+    stopped at a failing commit still speaks for the tip)."""
+    tip = tree.rev(f"refs/heads/{branch}")
+    if not results or tip is None:
         return
     gates: dict[str, bool] = {}
     for r in results:
         gates[r.gate] = gates.get(r.gate, True) and r.ok
-    body = {"tip": results[-1].commit, "gates": gates, "at": time.time()}
+    body = {"tip": tip, "gates": gates, "at": time.time()}
     write_atomic(check_record(tree), json.dumps(body, indent=2) + "\n")
 
 

@@ -89,7 +89,9 @@ def summary(done: NewVersion) -> str:
     lines = [
         f"started v{sent.version + 1}: {done.rebased.branch}, {len(done.rebased.commits)} "
         f"commits on {done.rebased.base[:12]} ({done.rebased.base_describe})",
-        f"git range-diff {sent.tag}...{done.rebased.branch}:",
+        # the sent range against the new one: `sent/<v2>...<v3>` with each side's own base
+        f"git range-diff {sent.base[:12]}..{sent.tag} {done.rebased.base[:12]}.."
+        f"{done.rebased.branch}:",
     ]
     tail = [
         f"changed since v{sent.version}: {sent_stage.describe_changed(done.changed) or 'nothing'}"
