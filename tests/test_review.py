@@ -661,3 +661,17 @@ def test_status_shows_the_verdicts_of_the_exact_tip(project: Project, tmp_path: 
     (project.root / "templates" / "0002.j2").write_text("demo: Change line 30\n\nReworded.\n")
     shown = str(status_stage.status(project.series(), tree, tmp_path / "out", reports))
     assert "patch 2 (0002.diff): message differ" in shown
+
+
+def test_a_dry_run_shows_the_record_and_writes_nothing(project: Project, tmp_path: Path) -> None:
+    configure(project, free_port(), "https://lore.kernel.org/all")
+    run_ok(project, "rebase", "--tree", str(project.tree))
+    before = configs(project)
+    out = run_ok(project, "send-series", "--tree", str(project.tree), "--out", str(tmp_path / "o"))
+    assert "a real send would record in" in out
+    assert "tag sent/demo-v2 (not made: dry run)" in out
+    assert "-> https://lore.kernel.org/all/cover." in out
+    assert configs(project) == before
+    assert project.worktree().rev("refs/tags/sent/demo-v2") is None
+    status = run_ok(project, "status", "--tree", str(project.tree))
+    assert "sent: nothing yet" in status
