@@ -675,3 +675,16 @@ def test_a_dry_run_shows_the_record_and_writes_nothing(project: Project, tmp_pat
     assert project.worktree().rev("refs/tags/sent/demo-v2") is None
     status = run_ok(project, "status", "--tree", str(project.tree))
     assert "sent: nothing yet" in status
+
+
+def test_an_edit_of_configs_refuses_to_write_over_a_concurrent_one(project: Project) -> None:
+    from kseries.review.data import Edit
+
+    edit = Edit(Config.load(project.configs))
+    edit.set_version(3)
+    path = project.configs / "series.toml"
+    path.write_text(path.read_text() + "\n# edited meanwhile\n")
+    before = configs(project)
+    with pytest.raises(ToolkitError, match=r"series.toml changed while this ran"):
+        edit.write(series_stage.load)
+    assert configs(project) == before

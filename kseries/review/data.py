@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kseries.config import DATE, INTEGER, NUMBER, STRING, STRINGS, Config, Keys, Kind, Rows
-from kseries.core.files import write_atomic
+from kseries.core.files import exclusive, write_atomic
 from kseries.errors import ToolkitError
 
 FILE = "review.toml"
@@ -214,11 +214,13 @@ class Edit:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.docs: dict[Path, Any] = {}
+        self.read: dict[Path, bytes | None] = {}  # each file as the edit read it
         self.before: dict[Path, bytes | None] = {}
 
     def doc(self, name: str) -> Any:
         path = self.config.directory / name
         if path not in self.docs:
+            self.read[path] = path.read_bytes() if path.exists() else None
             self.docs[path] = _edit(path)
         return self.docs[path]
 
@@ -252,14 +254,23 @@ class Edit:
         every file is put back and the error goes on."""
         import tomlkit
 
-        self.before = {p: p.read_bytes() if p.exists() else None for p in self.docs}
-        try:
-            for path, doc in self.docs.items():
-                write_atomic(path, tomlkit.dumps(doc))
-            check(Config.load(self.config.directory))
-        except BaseException:
-            self.undo()
-            raise
+        # One writer at a time; one that finds a file changed since it read it (another
+        # task's edit) is refused rather than writing over that edit.
+        with exclusive(self.config.directory.parent / "out" / ".configs-edit.lock"):
+            self.before = {p: p.read_bytes() if p.exists() else None for p in self.docs}
+            moved = [p.name for p in self.docs if self.before[p] != self.read[p]]
+            if moved:
+                raise ToolkitError(
+                    f"{', '.join(moved)} changed while this ran (another kseries task?)",
+                    "nothing was written: run it again",
+                )
+            try:
+                for path, doc in self.docs.items():
+                    write_atomic(path, tomlkit.dumps(doc))
+                check(Config.load(self.config.directory))
+            except BaseException:
+                self.undo()
+                raise
 
     def undo(self) -> None:
         """Put every file `write` wrote back as it was."""
