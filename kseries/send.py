@@ -33,6 +33,7 @@ from kseries.core.files import output_dir, write_atomic
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
+from kseries.review import sent as sent_stage
 from kseries.series import Series, parse_addresses
 
 PLACEHOLDERS = ("*** SUBJECT HERE ***", "*** BLURB HERE ***")
@@ -249,6 +250,7 @@ class Postman:
         outbox = Outbox(branch, base, out, mails, testing=testing)
         if testing:
             testing.splice(mails[0].path)
+        sent_stage.stamp_change_id(mails[0].path, self.series.change_id)
         self._address(outbox)
         return outbox
 
@@ -348,6 +350,7 @@ class Postman:
                 "; ".join(c.detail for c in checkpatch if c.detail),
                 warn=any(c.warn for c in checkpatch),
             ),
+            *self._review_checks(outbox, sending),
         ]
         return outbox.checks
 
@@ -357,6 +360,17 @@ class Postman:
         if outbox.testing is None:
             return Check("test evidence", True, "no Testing section (--untested)", warn=True)
         return Check("test evidence", *outbox.testing.evidence.verdict())
+
+    def _review_checks(self, outbox: Outbox, sending: bool) -> list[Check]:
+        """The review loop's: a version goes out once, and from v2 on the cover letter names
+        every patch changed since the version before (kseries.review.sent)."""
+        verdicts = [
+            sent_stage.not_sent_before(self.tree, self.series, sending=sending),
+            sent_stage.changes_named(
+                self.tree, self.series, outbox.base, _read_mail(outbox.mails[0].path).get_content()
+            ),
+        ]
+        return [Check(*v) for v in verdicts if v is not None]
 
     def _sender(self, sending: bool) -> Check:
         """The From: is the configured submitter; a real send also needs an SMTP server."""

@@ -263,10 +263,15 @@ def test_the_rebase_renders_untested_section(sent: Project) -> None:
     assert "Testing" not in description and "Thanks." in description
 
 
-def test_a_branch_moved_since_the_report_is_refused(sent: Project, tmp_path: Path) -> None:
+def test_a_branch_moved_since_the_report_is_refused(
+    sent: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     report_of(sent)
     old = tip(sent)
-    rebase(sent)  # new commits: what was tested is not what would be sent
+    # New commits: what was tested is not what would be sent. Git dates have 1 s resolution, so
+    # a rebase in the same second would remake the very same commits: date this one later.
+    monkeypatch.setenv("GIT_COMMITTER_DATE", "2030-01-01T00:00:00+0000")
+    rebase(sent)
     done = send_series(sent, "--out", str(tmp_path / "out"))
     one_error(
         done,

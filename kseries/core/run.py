@@ -52,6 +52,9 @@ PACKAGES = {
     "ssh": "openssh-client",
     "sshd": "openssh-server",
     "mmdebstrap": "mmdebstrap",
+    "public-inbox-init": "public-inbox",  # the review loop's tests: a real list archive
+    "public-inbox-mda": "public-inbox",
+    "public-inbox-httpd": "public-inbox",
     # Not programs: what they load, by the name it is loaded by.
     "perl:Mail::Address": "libmailtools-perl",  # git send-email (only a Recommends of git-email)
     "python3:ply": "python3-ply",  # checkpatch.pl's SPDX check
