@@ -237,14 +237,11 @@ def build(
 def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
     """Build every commit of the series in each gate's config; fail on new warnings."""
     from kseries import check as check_stage
-    from kseries import series as series_stage
-    from kseries.review.status import record_check
     from kseries.tree import open_tree
 
     config = Config.load()
     work = open_tree(config, tree, log)
     results = check_stage.check(config, work, gates=_names(gate), log=log)
-    record_check(work, series_stage.load(config).branch, results)  # for `invoke status`
     console.print(check_stage.table(results))
     for line in check_stage.details(results):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -379,7 +376,6 @@ def status(c: Context, tree: str = "") -> None:
     """Where the series stands: version, what was sent, trailers, branch vs data, verdicts."""
     from kseries import series as series_stage
     from kseries import tree as tree_stage
-    from kseries.paths import PROJECT
     from kseries.review import status as status_stage
 
     config = Config.load()
@@ -387,7 +383,6 @@ def status(c: Context, tree: str = "") -> None:
         series_stage.load(config),
         tree_stage.open_tree(config, tree, log=log),
         config.directory.parent / "out",
-        PROJECT / "out" / "test-remote",
     )
     console.print(str(shown), markup=False, highlight=False, soft_wrap=True)
 

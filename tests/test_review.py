@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from aiosmtpd.controller import Controller
 
+from kseries import records
 from kseries import series as series_stage
 from kseries.config import Config
 from kseries.errors import ToolkitError
@@ -170,10 +170,12 @@ def run_ok(project: Project, *args: str) -> str:
 
 
 def send_cli(project: Project, out: Path) -> subprocess.CompletedProcess[str]:
-    """`invoke send-series --send --yes` of the scratch series, mails written into `out`."""
+    """`invoke send-series --send --yes` of the scratch series, mails written into `out`
+    (--untested: the scratch series is never booted, so there is no Testing section)."""
     return invoke(
         project,
         "send-series",
+        "--untested",
         "--tree",
         str(project.tree),
         "--send",
@@ -374,7 +376,7 @@ def send_here(project: Project, out: Path) -> None:
     series = series_stage.load(config)
     tree = project.worktree()
     Rebase(tree, series, log=lambda _: None).start(remote="kvm-x86", branch="next")
-    postman = Postman(tree, series, SendSettings(config, series))
+    postman = Postman(tree, series, SendSettings(config, series), testing=False)
     outbox = postman.format(out)
     postman.check(outbox, sending=True)
     assert not outbox.failed, outbox.failed
@@ -641,8 +643,11 @@ def test_status_shows_the_verdicts_of_the_exact_tip(project: Project, tmp_path: 
     tree = project.worktree()
     Rebase(tree, series, log=lambda _: None).start(remote="kvm-x86", branch="next")
     tip = tree.rev(series.branch)
-    rows = [SimpleNamespace(gate="x86_64-kvm-W1", commit=tip, ok=True)]
-    status_stage.record_check(tree, series.branch, rows)
+    # The records the check and test-remote stages write (kseries.records).
+    records.write(
+        records.check_record(tree, series.branch),
+        {"branch": series.branch, "gates": {"x86_64-kvm-W1": {"tip": tip, "failed": []}}},
+    )
     reports = tmp_path / "test-remote"
     for stamp, commit, verdict in (("20261201-1", tip, "pass"), ("20261201-2", "f" * 40, "fail")):
         (reports / stamp).mkdir(parents=True)
@@ -654,12 +659,14 @@ def test_status_shows_the_verdicts_of_the_exact_tip(project: Project, tmp_path: 
                 }
             )
         )
-    shown = str(status_stage.status(series, tree, tmp_path / "out", reports))
+    kernel = {"branch": series.branch, "commit": tip}
+    records.remember_test_report(tree, kernel, reports / "20261201-1" / "report.json", [])
+    shown = str(status_stage.status(series, tree, tmp_path / "out"))
     assert "check: x86_64-kvm-W1 ok" in shown
     assert "test-remote: local/kernel pass (20261201-1)" in shown
     assert "branch vs data: matches" in shown
     (project.root / "templates" / "0002.j2").write_text("demo: Change line 30\n\nReworded.\n")
-    shown = str(status_stage.status(project.series(), tree, tmp_path / "out", reports))
+    shown = str(status_stage.status(project.series(), tree, tmp_path / "out"))
     assert "patch 2 (0002.diff): message differ" in shown
 
 
@@ -667,7 +674,9 @@ def test_a_dry_run_shows_the_record_and_writes_nothing(project: Project, tmp_pat
     configure(project, free_port(), "https://lore.kernel.org/all")
     run_ok(project, "rebase", "--tree", str(project.tree))
     before = configs(project)
-    out = run_ok(project, "send-series", "--tree", str(project.tree), "--out", str(tmp_path / "o"))
+    out = run_ok(
+        project, "send-series", "--untested", "--tree", str(project.tree), "--out", f"{tmp_path}/o"
+    )
     assert "a real send would record in" in out
     assert "tag sent/demo-v2 (not made: dry run)" in out
     assert "-> https://lore.kernel.org/all/cover." in out

@@ -9,14 +9,11 @@ check, build and test-remote verdicts, each shown only if it was for the branch'
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kseries.core.files import write_atomic
+from kseries import records
 from kseries.gitrepo import WorkTree
-from kseries.records import DIR
 from kseries.review import harvest as harvest_stage
 from kseries.review import sent as sent_stage
 from kseries.series import Series, commit_diff
@@ -25,23 +22,6 @@ from kseries.series import Series, commit_diff
 def harvest_file(series: Series, version: int, out: Path) -> Path:
     """Where `invoke trailers` keeps the last harvest of a version's replies."""
     return out / "review" / f"{series.name}-v{version}.json"
-
-
-def check_record(tree: WorkTree) -> Path:
-    return tree.git_path(f"{DIR}/last-check.json")
-
-
-def record_check(tree: WorkTree, branch: str, results: list[Any]) -> None:
-    """What `invoke check` concluded, keyed on the tip of the branch it checked (a gate that
-    stopped at a failing commit still speaks for the tip)."""
-    tip = tree.rev(f"refs/heads/{branch}")
-    if not results or tip is None:
-        return
-    gates: dict[str, bool] = {}
-    for r in results:
-        gates[r.gate] = gates.get(r.gate, True) and r.ok
-    body = {"tip": tip, "gates": gates, "at": time.time()}
-    write_atomic(check_record(tree), json.dumps(body, indent=2) + "\n")
 
 
 @dataclass
@@ -56,7 +36,7 @@ class Status:
         return "\n".join(self.lines)
 
 
-def status(series: Series, tree: WorkTree | None, out: Path, test_reports: Path) -> Status:
+def status(series: Series, tree: WorkTree | None, out: Path) -> Status:
     shown = Status()
     tip = tree.rev(f"refs/heads/{series.branch}") if tree else None
     shown.add(
@@ -68,7 +48,7 @@ def status(series: Series, tree: WorkTree | None, out: Path, test_reports: Path)
     _trailers(shown, series, out)
     if tree is not None and tip:
         _matches(shown, series, tree, tip)
-        _verdicts(shown, tree, tip, test_reports)
+        _verdicts(shown, tree, series.branch, tip)
     return shown
 
 
@@ -149,19 +129,23 @@ def _matches(shown: Status, series: Series, tree: WorkTree, tip: str) -> None:
     )
 
 
-def _verdicts(shown: Status, tree: WorkTree, tip: str, test_reports: Path) -> None:
+def _verdicts(shown: Status, tree: WorkTree, branch: str, tip: str) -> None:
+    """From the records the check and test-remote stages keep per branch (kseries.records),
+    each shown only if it speaks for this tip."""
     rows = []
-    path = check_record(tree)
-    check = json.loads(path.read_text()) if path.is_file() else None
-    if check and check.get("tip") == tip:
-        rows.append(
-            "check: "
-            + ", ".join(f"{g} {'ok' if ok else 'FAIL'}" for g, ok in check["gates"].items())
-        )
+    check = records.read(records.check_record(tree, branch), "check record", "invoke check")
+    gates = {
+        name: not gate["failed"]
+        for name, gate in ((check or {}).get("gates") or {}).items()
+        if gate.get("tip") == tip
+    }
+    if gates:
+        verdicts = (f"{g} {'ok' if ok else 'FAIL'}" for g, ok in gates.items())
+        rows.append("check: " + ", ".join(verdicts))
     else:
         rows.append("check: not run on this tip (invoke check)")
     rows.append(_build(tip))
-    rows.append(_tests(tip, test_reports))
+    rows.append(_tests(tree, branch, tip))
     shown.add(f"verdicts for {tip[:12]}:", *rows)
 
 
@@ -178,15 +162,17 @@ def _build(tip: str) -> str:
     return f"build: {manifest.kernelrelease}, {manifest.path}"
 
 
-def _tests(tip: str, reports: Path) -> str:
-    """The newest test-remote report whose kernel under test is this tip."""
-    for report in sorted(reports.glob("*/report.json"), reverse=True):
-        try:
-            data = json.loads(report.read_text())
-        except (OSError, ValueError):
-            continue
-        if (data.get("kernel") or {}).get("commit") != tip:
-            continue
-        runs = ", ".join(f"{r['box']}/{r['label']} {r['verdict']}" for r in data.get("runs", []))
-        return f"test-remote: {runs} ({report.parent.name})"
-    return "test-remote: not run on this tip (invoke test-remote)"
+def _tests(tree: WorkTree, branch: str, tip: str) -> str:
+    """The newest test-remote report of the branch, if its kernel under test is this tip."""
+    pointer = records.read(
+        records.report_pointer(tree, branch), "test-remote record", "invoke test-remote"
+    )
+    if not pointer or pointer.get("commit") != tip:
+        return "test-remote: not run on this tip (invoke test-remote)"
+    report = Path(pointer["report"])
+    try:
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return f"test-remote: its report {report} is gone or damaged (invoke test-remote)"
+    runs = ", ".join(f"{r['box']}/{r['label']} {r['verdict']}" for r in data.get("runs", []))
+    return f"test-remote: {runs} ({report.parent.name})"
