@@ -52,6 +52,9 @@ PACKAGES = {
     "ssh": "openssh-client",
     "sshd": "openssh-server",
     "mmdebstrap": "mmdebstrap",
+    "qemu-img": "qemu-utils",  # the Debian box's overlays
+    "sfdisk": "fdisk",  # the Debian box's image
+    "socat": "socat",  # the Debian box's power button (its QEMU monitor)
     # Not programs: what they load, by the name it is loaded by.
     "perl:Mail::Address": "libmailtools-perl",  # git send-email (only a Recommends of git-email)
     "python3:ply": "python3-ply",  # checkpatch.pl's SPDX check
