@@ -47,6 +47,7 @@ PACKAGES = {
     "busybox": "busybox-static",
     "dropbear": "dropbear-bin",
     "dropbearkey": "dropbear-bin",
+    "dropbearconvert": "dropbear-bin",
     "kexec": "kexec-tools",
     "ssh-keygen": "openssh-client",
     "ssh": "openssh-client",

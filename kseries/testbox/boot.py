@@ -31,7 +31,7 @@ from pathlib import Path
 from kseries.errors import ToolkitError
 from kseries.testbox.kernel import Kernel
 from kseries.testbox.machine import Machine
-from kseries.testbox.ssh import Remote
+from kseries.testbox.ssh import Remote, Unreachable
 
 Log = Callable[[str], None]
 
@@ -285,11 +285,23 @@ class GrubReboot(Method):
         remote.run(f"grub-reboot {shlex.quote(entry)}", timeout=60, check=True)
         log(f"boot: grub-reboot {entry!r} (falls back to {fallback!r}); rebooting")
         remote.start("reboot", wait=machine.box.timeouts.kexec_exec)
-        return {"upload": uploaded - started, "update_grub": updated - uploaded}
+        try:
+            down = machine.wait_until_down(machine.box.timeouts.boot)
+        except Unreachable as e:
+            raise BootError(e.message, e.hint) from None
+        return {"upload": uploaded - started, "update_grub": updated - uploaded, "shutdown": down}
 
     def cleanup(self, machine: Machine, log: Log) -> dict[str, float]:
         started = time.monotonic()
         remote = machine.remote()
+        if not remote.run(f"command -v update-grub && test -f {GRUB_CFG}", timeout=30).ok:
+            # A test kernel on an initrd of its own: its userspace has no /boot and no grub.
+            # A plain reboot goes back to the saved entry, which has them.
+            log("boot: this system has no update-grub; a plain reboot into the saved entry first")
+            remote.start("reboot", wait=machine.box.timeouts.kexec_exec)
+            machine.wait_until_down(machine.box.timeouts.boot)
+            machine.wait_for_ssh(machine.box.timeouts.boot, what="SSH on the saved entry")
+            remote = machine.remote()
         installed = f"[ -e {GRUB_HOOK} ] || [ -e {GRUB_KERNELS} ]"
         remove = f"rm -rf {GRUB_KERNELS} {GRUB_HOOK} && update-grub && echo removed"
         result = remote.run(

@@ -38,6 +38,8 @@ from kseries.core.files import exclusive, remove_stale, scratch_name, write_atom
 from kseries.core.run import Popen, TimeoutExpired, run, start
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
+from kseries.testbox import initramfs
+from kseries.testbox.boot import grub_entries
 from kseries.testbox.qemu import free_port
 from kseries.tree import KEYRING, find_debian_mirror, read_apt_sources
 
@@ -91,6 +93,26 @@ class Image:
 
     def host_public(self) -> str:
         return " ".join(self.host_key.with_suffix(".pub").read_text().split()[:2])
+
+    def initramfs(self) -> Path:
+        """The toolkit's test-box userspace (busybox, dropbear) with this image's keys: a test
+        kernel without disk drivers (the plain test-box build) boots it from GRUB as the box's
+        `initrd`, and answers with the same host key and client key as the Debian system."""
+        keys = initramfs.Keys(self.disk.parent / "initramfs-keys")
+        with exclusive(self.disk.parent / ".initramfs.lock"):
+            keys.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale(keys.directory)
+            if not keys.host_key.is_file():
+                scratch = scratch_name(keys.host_key)
+                run(["dropbearconvert", "openssh", "dropbear", self.host_key, scratch])
+                os.replace(scratch, keys.host_key)
+            for source, target in (
+                (self.identity.with_suffix(".pub"), keys.identity.with_suffix(".pub")),
+                (self.identity, keys.identity),
+            ):
+                if not target.is_file():
+                    write_atomic(target, source.read_bytes(), mode=0o600)
+            return initramfs.build(self.disk.parent / "initramfs.cpio.gz", keys)
 
 
 def image(directory: Path | None = None) -> Image:
@@ -177,8 +199,6 @@ def _make_disk(disk: Path, work: Path, made: Image, mirror: str, log: Log) -> No
 def known_good_entry(grub_cfg: str) -> str:
     """The saved default the image starts with: the first Debian kernel's own entry in the
     advanced submenu (a versioned id, so a newer kernel under /boot cannot take its place)."""
-    from kseries.testbox.boot import grub_entries
-
     for entry, image_path in grub_entries(grub_cfg):
         if ">" in entry and "/vmlinuz-" in image_path:
             return entry
@@ -352,9 +372,7 @@ class DiskBox:
         self.state.mkdir(parents=True, exist_ok=True)
         overlay = self.state / "overlay.qcow2"
         overlay.unlink(missing_ok=True)
-        run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.made.disk, overlay]
-        )
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.made.disk, overlay])
         self.port = self.port or free_port()
         write_atomic(self.known_hosts, f"[127.0.0.1]:{self.port} {self.made.host_public()}\n")
         self.monitor.unlink(missing_ok=True)

@@ -105,6 +105,26 @@ class Machine:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 2.0)
 
+    def wait_until_down(self, timeout: float) -> float:
+        """After a clean reboot was asked for: wait until the box's sshd stops answering (a
+        fresh connection fails), so that the next wait_for_ssh reaches the new boot and not
+        the old system on its way down. Returns the seconds it took."""
+        started = time.monotonic()
+        self.disconnect()
+        while time.monotonic() - started < timeout:
+            probe = Remote(self.ssh_box(), log=self.log)
+            try:
+                probe.connect(timeout=self.box.timeouts.connect, banner_timeout=BANNER_WAIT)
+            except Unreachable:
+                return time.monotonic() - started
+            finally:
+                probe.close()
+            time.sleep(0.5)
+        raise Unreachable(
+            f"box {self.box.name}: still answering {timeout:g}s after the reboot was asked for",
+            "check that `reboot` works on the box",
+        )
+
     # --- console and liveness ----------------------------------------------------------------
 
     def alive(self) -> bool:
