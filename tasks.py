@@ -454,6 +454,7 @@ def testbox_distro_image(c: Context, mirror: str = "") -> None:
         f"image       {made.disk} (run boxes on a qcow2 overlay of it)",
         f"identity    {made.identity}",
         f"host key    {made.host_public()}",
+        f"initrd      {made.initramfs()} (for a test kernel without disk drivers)",
         "boot it:    qemu-img create -f qcow2 -F raw -b IMAGE OVERLAY, then",
         "            " + " ".join(box.command(Path("OVERLAY"))),
         "its box:    " + ", ".join(f"{k} = {v!r}" for k, v in box.box_table().items()),

@@ -323,6 +323,12 @@ def test_grub_fallback_needs_a_saved_known_good_entry() -> None:
         assert "GRUB_DEFAULT=saved" in refused.value.hint
 
 
+def test_the_image_saves_a_versioned_debian_entry() -> None:
+    from kseries.testbox import distro
+
+    assert distro.known_good_entry(DEBIAN_CFG) == GOOD  # not the simple one, not kseries'
+
+
 def test_grub_entry_script_is_valid_shell_with_its_settings() -> None:
     script = boot.GRUB_SCRIPT.read_text()
     assert script.count("set -e\n") == 1  # where boot() puts the KSERIES_* settings
