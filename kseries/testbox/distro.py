@@ -362,6 +362,8 @@ class DiskBox:
             "-drive", f"file={overlay},format=qcow2,if=virtio",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=n0",
+            # entropy: without it sshd waited minutes for getrandom() under TCG
+            "-device", "virtio-rng-pci",
             "-chardev", f"file,id=console,path={self.console_log},append=on",
             "-serial", "chardev:console",
             "-monitor", f"unix:{self.monitor},server=on,wait=off",
