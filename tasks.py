@@ -141,7 +141,8 @@ def prepare(c: Context, tree: str = "") -> None:
 @task(
     help={
         "tree": TREE_HELP,
-        "boxes": "test boxes to boot the series on (default: local,local-shadow: TDP and shadow)",
+        "boxes": "test boxes to boot the series on (default: local,local-legacy-tdp,local-shadow: "
+        "KVM's TDP MMU, legacy TDP MMU and shadow MMU)",
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
         "no_check": "skip `invoke check` (the per-commit builds of every gate)",
@@ -152,13 +153,15 @@ def prepare(c: Context, tree: str = "") -> None:
 def pipeline(
     c: Context,
     tree: str = "",
-    boxes: str = "local,local-shadow",
+    boxes: str = "local,local-legacy-tdp,local-shadow",
     compare: str = "",
     no_compare: bool = False,
     no_check: bool = False,
     keep_warm: bool = False,
 ) -> None:
-    """The main job: rebase, check, build, boot and test (base vs series), then the mails."""
+    """The main job: rebase, check, build, test base vs series, mails (dry run), status.
+
+    The mails' dry run also shows the sent record a real send would write."""
     from kseries import series as series_stage
 
     base = series_stage.load().base
@@ -173,6 +176,7 @@ def pipeline(
         keep_warm=keep_warm,
     )
     send_series(c, tree=tree)
+    status(c, tree=tree)
 
 
 @task(
@@ -233,10 +237,14 @@ def build(
 def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
     """Build every commit of the series in each gate's config; fail on new warnings."""
     from kseries import check as check_stage
+    from kseries import series as series_stage
+    from kseries.review.status import record_check
     from kseries.tree import open_tree
 
     config = Config.load()
-    results = check_stage.check(config, open_tree(config, tree, log), gates=_names(gate), log=log)
+    work = open_tree(config, tree, log)
+    results = check_stage.check(config, work, gates=_names(gate), log=log)
+    record_check(work, series_stage.load(config).branch, results)  # for `invoke status`
     console.print(check_stage.table(results))
     for line in check_stage.details(results):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -252,6 +260,8 @@ def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
         "says so explicitly, e.g. in a script: refused together with --send)",
         "send": "really send, after every check passed and a confirmation",
         "yes": "with --send: do not ask for confirmation",
+        "untested": "no Testing section in the cover letter, so no test-remote report of "
+        "the branch is needed (default: the newest report of exactly this commit, or refused)",
     }
 )
 @edge
@@ -262,6 +272,7 @@ def send_series(
     dry_run: bool = False,
     send: bool = False,
     yes: bool = False,
+    untested: bool = False,
 ) -> None:
     """Format the series as mails, address and check them, then git send-email (dry run)."""
     if dry_run and send:
@@ -275,13 +286,13 @@ def send_series(
     from kseries import series as series_stage
     from kseries import tree as tree_stage
     from kseries.paths import PROJECT
+    from kseries.review import sent as sent_stage
 
     config = Config.load()
     series = series_stage.load(config)
+    work = tree_stage.open_tree(config, tree, log=log)
     postman = send_stage.Postman(
-        tree_stage.open_tree(config, tree, log=log),
-        series,
-        send_stage.SendSettings(config, series),
+        work, series, send_stage.SendSettings(config, series), testing=not untested
     )
     outbox = postman.format(Path(out) if out else PROJECT / "out" / series.branch)
     if not send:
@@ -297,6 +308,88 @@ def send_series(
     console.print(delivery.log(), markup=False, highlight=False, soft_wrap=True)
     if outbox.failed:
         raise SystemExit(1)
+    record = sent_stage.record_send(config, work, series, outbox, dry_run=not send)
+    heading = "recorded" if send else "a real send would record"
+    console.print(f"{heading} in {series.source.parent / 'review.toml'}:")
+    console.print("\n".join(record), markup=False, highlight=False, soft_wrap=True)
+
+
+@task(
+    help={
+        "mbox": "read the replies from this mbox file instead of the archive",
+        "url": "the public-inbox to read the thread from (default: [review] archive, lore)",
+        "version": "the sent version whose replies to read (default: the newest sent)",
+        "apply": "write the new trailers into configs/ (review.toml; new people into "
+        "series.toml's [people])",
+        "changed_too": "with --apply: also apply trailers given on a patch that has changed "
+        "since (default: they are only shown, as reviewers expect)",
+    }
+)
+@edge
+def trailers(
+    c: Context,
+    mbox: str = "",
+    url: str = "",
+    version: str = "0",
+    apply: bool = False,
+    changed_too: bool = False,
+) -> None:
+    """Collect Reviewed-by, Acked-by, Tested-by, ... from the replies to the sent version."""
+    from kseries import series as series_stage
+    from kseries.review import replies as review
+
+    config = Config.load()
+    found = review.collect(
+        config,
+        series_stage.load(config),
+        mbox=Path(mbox) if mbox else None,
+        url=url,
+        version=number("version", version, int, 0),
+    )
+    console.print(review.table(found))
+    for line in review.notes(found):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if apply:
+        for line in review.apply(config, found, changed_too=changed_too):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@task(
+    help={
+        "tree": TREE_HELP,
+        "no_fetch": "use the remote-tracking ref as it is, without fetching",
+    }
+)
+@edge
+def new_version(c: Context, tree: str = "", no_fetch: bool = False) -> None:
+    """Start the next version of the sent series: bump it, rebase, range-diff against sent/."""
+    from kseries import tree as tree_stage
+    from kseries.review import version as version_stage
+
+    config = Config.load()
+    done = version_stage.new_version(
+        config, tree_stage.open_tree(config, tree, log=log), fetch=not no_fetch, log=log
+    )
+    console.print(version_stage.summary(done), markup=False, highlight=False, soft_wrap=True)
+
+
+@task(help={"tree": TREE_HELP})
+@edge
+def status(c: Context, tree: str = "") -> None:
+    """Where the series stands: version, what was sent, trailers, branch vs data, verdicts."""
+    from kseries import series as series_stage
+    from kseries import tree as tree_stage
+    from kseries.paths import PROJECT
+    from kseries.review import status as status_stage
+
+    config = Config.load()
+    shown = status_stage.status(
+        series_stage.load(config),
+        tree_stage.open_tree(config, tree, log=log),
+        config.directory.parent / "out",
+        PROJECT / "out" / "test-remote",
+    )
+    console.print(str(shown), markup=False, highlight=False, soft_wrap=True)
 
 
 @task
@@ -464,7 +557,19 @@ def testbox_distro_image(c: Context, mirror: str = "") -> None:
 
 # The namespace is explicit so stage groups (e.g. `testbox.up`) can sit beside top-level tasks.
 ns = Collection(
-    rebase, export, changelog, prepare, pipeline, build, check, send_series, test_remote, doctor
+    rebase,
+    export,
+    changelog,
+    prepare,
+    pipeline,
+    build,
+    check,
+    send_series,
+    trailers,
+    new_version,
+    status,
+    test_remote,
+    doctor,
 )
 testbox = Collection("testbox")
 testbox.add_task(testbox_up, name="up")

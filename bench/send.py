@@ -95,6 +95,7 @@ def main() -> None:
             "-r",
             str(PROJECT),
             "send-series",
+            "--untested",  # the clone has no test report: raw git has no Testing section
             "--tree",
             str(clone),
             "--out",

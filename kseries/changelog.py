@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
@@ -20,6 +20,9 @@ from kseries import style, trailers
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.series import Patch, Series
+
+if TYPE_CHECKING:
+    from kseries.evidence import Evidence
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,15 @@ class Changelog:
                 edits.append(Edit(patch, template, "\n".join(diff)))
         return edits
 
-    def cover_letter(self) -> Message:
+    def cover_letter(self, evidence: Evidence | None = None) -> Message:
         """The cover letter, its subject held to the shortlog rules. Its body is not wrapped
-        by rule: it never reaches git log, and may quote subjects up to the hard limit."""
+        by rule: it never reaches git log, and may quote subjects up to the hard limit.
+        `evidence` (send's, from a test report) fills templates/cover-testing.j2; without it
+        that section renders nothing."""
         subjects = [self.message(p).subject for p in self.series.patches]
-        subject, body = self._render(self.series.cover_template, subjects=subjects)
+        subject, body = self._render(
+            self.series.cover_template, subjects=subjects, evidence=evidence
+        )
         where = f"{self.series.templates_dir / self.series.cover_template}: the cover letter"
         style.check_subject(subject, prefixes=self.series.shortlog_prefixes, where=where)
         return Message(subject, body)

@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.table import Table
 
 from kseries import build as build_stage
+from kseries import records
 from kseries.build import BuildConfig
 from kseries.config import STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
@@ -171,7 +172,37 @@ class Check:
             self.root / "lock", f"check: waiting for another check of {self.tree.path}", self.log
         ):
             self._worktree(base)
-            return [r for gate in gates for r in self._gate(gate, base, commits)]
+            results = [r for gate in gates for r in self._gate(gate, base, commits)]
+            self._record(gates, branch, base, commits, results)
+            return results
+
+    def _record(
+        self,
+        gates: Sequence[Gate],
+        branch: str,
+        base: str,
+        commits: Sequence[tuple[str, str]],
+        results: Sequence[Result],
+    ) -> None:
+        """Keep, per gate, which commits it built and which failed, for send's cover letter
+        (records.check_record); the other gates' entries stay, so `--gate X` adds to them. A
+        damaged record is replaced: this run's gates are all it can vouch for."""
+        path = records.check_record(self.tree, branch)
+        try:
+            data = records.read(path, "check record", "invoke check") or {}
+        except ToolkitError:
+            data = {}
+        every = dict(data.get("gates") or {})
+        for gate in gates:
+            mine = [r for r in results if r.gate == gate.name]
+            every[gate.name] = {
+                "description": gate.description,
+                "base": base,
+                "tip": commits[-1][0],
+                "commits": len(mine),
+                "failed": [r.commit for r in mine if not r.ok],
+            }
+        records.write(path, {"branch": branch, "gates": every})
 
     def _gate(self, gate: Gate, base: str, commits: Sequence[tuple[str, str]]) -> list[Result]:
         out = self.root / "build" / gate.name

@@ -26,11 +26,12 @@ from kseries.paths import PROJECT
 # The top-level tables each tracked file may hold; local.toml may hold any of them.
 TABLES = {
     "series.toml": ("series", "base", "people", "patch"),
-    "toolkit.toml": ("tree", "default_tree", "build", "check", "send"),
+    "toolkit.toml": ("tree", "default_tree", "build", "check", "send", "review"),
+    "review.toml": ("sent", "trailer"),
     "testboxes.toml": ("testbox", "box", "test", "recipe"),
 }
 LOCAL = "local.toml"
-CONFIG_FILES = ("series.toml", "toolkit.toml", LOCAL)
+CONFIG_FILES = ("series.toml", "toolkit.toml", "review.toml", LOCAL)
 
 
 def config_dir() -> Path:

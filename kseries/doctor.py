@@ -221,6 +221,31 @@ CHECKS: tuple[Check, ...] = (
         ("ssh-keygen",),
     ),
     Check("ssh runs", ("ssh", "-V"), ("ssh",)),
+    # tests/test_review.py: the maintainer's end of the review loop, a real list archive
+    Check(
+        "public-inbox-init makes a v2 inbox",
+        (
+            "public-inbox-init",
+            "-V2",
+            "doctor",
+            "inbox",
+            "http://127.0.0.1/doctor",
+            "doctor@example.org",
+        ),
+        ("public-inbox-init",),
+        env={"PI_CONFIG": "{dir}/config", "HOME": "{dir}"},
+    ),
+    *(
+        Check(
+            f"{tool} compiles with its modules ({what})",
+            ("perl", "-c", f"/usr/bin/{tool}"),
+            (tool,),
+        )
+        for tool, what in (
+            ("public-inbox-mda", "delivers mail into the inbox"),
+            ("public-inbox-httpd", "serves the inbox over HTTP"),
+        )
+    ),
 )
 
 

@@ -1,14 +1,19 @@
-"""What the rebase stage leaves in the tree's .git/kseries/ for the stages after it: the state
-of a run stopped on a conflict, and each finished branch's record (its base and commits).
+"""What the stages leave in the tree's .git/kseries/ for the stages after them: the state of a
+rebase stopped on a conflict, each finished branch's record (its base and commits), the check
+stage's record of the gates each commit passed, and a pointer to the newest test-remote report
+of each branch.
 
-A module of its own so that send reads them without importing the rebase stage and jinja2.
+A module of its own so that send reads them without importing the rebase, check and test-box
+stages (and jinja2, fabric, ...).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 
@@ -24,23 +29,74 @@ def branch_record(tree: WorkTree, branch: str) -> Path:
     return tree.git_path(f"{DIR}/{branch}.json")
 
 
-def recorded_base(tree: WorkTree, branch: str) -> str | None:
-    """The base the last finished rebase put `branch` on; None if none recorded it.
+def check_record(tree: WorkTree, branch: str) -> Path:
+    """`invoke check`'s results for `branch`: per gate, the commits it built and whether each
+    passed (written by the check stage, read by send for the cover letter)."""
+    return tree.git_path(f"{DIR}/check/{branch}.json")
 
-    A damaged record (a write cut short, a hand edit) is an error naming the file: guessing
-    a base could mail commits that are not the series'."""
-    path = branch_record(tree, branch)
+
+def report_pointer(tree: WorkTree, branch: str) -> Path:
+    """Where test-remote says which report.json is the newest of `branch`, and of which commit."""
+    return tree.git_path(f"{DIR}/test-remote/{branch}.json")
+
+
+def read(path: Path, what: str, rerun: str) -> dict[str, Any] | None:
+    """A record as a JSON object, None if there is none. A damaged one (a hand edit, a write
+    cut short by an older toolkit) is an error naming the file and `rerun`, the command that
+    writes it anew: guessing from half a record could mail what was never checked."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return None
     try:
-        base = json.loads(text)["base"]
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError(f"not a JSON object but {type(data).__name__}")
+    except (ValueError, TypeError) as e:
+        raise damaged(path, what, rerun, e) from e
+    return data
+
+
+def damaged(path: Path, what: str, rerun: str, error: Exception) -> ToolkitError:
+    return ToolkitError(
+        f"{path}: damaged {what} ({type(error).__name__}: {error})",
+        f"delete it (rm {path}) and run `{rerun}` again, which writes it anew",
+    )
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    """Written atomically: a reader, or the next run after a kill, sees the old or the new."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def recorded_base(tree: WorkTree, branch: str) -> str | None:
+    """The base the last finished rebase put `branch` on; None if none recorded it."""
+    path = branch_record(tree, branch)
+    data = read(path, "branch record", "invoke rebase")
+    if data is None:
+        return None
+    try:
+        base = data["base"]
         if not isinstance(base, str) or not base:
             raise TypeError(f"base is {base!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ToolkitError(
-            f"{path}: damaged branch record ({type(e).__name__}: {e})",
-            f"delete it (rm {path}) and run `invoke rebase` again, which writes it anew",
-        ) from e
+    except (KeyError, TypeError) as e:
+        raise damaged(path, "branch record", "invoke rebase", e) from e
     return base
+
+
+def remember_test_report(
+    tree: WorkTree, kernel: dict[str, Any], report: Path, local_qemu: list[str]
+) -> None:
+    """test-remote's pointer to `report` as the newest of the branch its kernel was built from
+    (`kernel`: the report's "kernel", the build manifest's tree, branch, commit and dirty), and
+    which of its boxes were local QEMU boxes (what the cover letter may call real hardware)."""
+    write(
+        report_pointer(tree, kernel["branch"]),
+        {
+            "branch": kernel["branch"],
+            "commit": kernel["commit"],
+            "dirty": kernel.get("dirty", False),
+            "report": str(report.resolve()),
+            "local_qemu": local_qemu,
+        },
+    )

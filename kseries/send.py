@@ -27,12 +27,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from kseries import records, style, trailers
+from kseries import evidence, records, style, trailers
 from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Kind
 from kseries.core.files import output_dir, write_atomic
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
+from kseries.review import sent as sent_stage
 from kseries.series import Series, parse_addresses
 
 PLACEHOLDERS = ("*** SUBJECT HERE ***", "*** BLURB HERE ***")
@@ -85,6 +86,7 @@ class Outbox:
     directory: Path
     mails: list[Mail]
     checks: list[Check] = field(default_factory=list)
+    testing: evidence.Testing | None = None  # the cover letter's Testing section, if it has one
 
     @property
     def failed(self) -> list[Check]:
@@ -199,10 +201,13 @@ def _patch_key(path: Path, *extra: str) -> str:
 class Postman:
     """Formats, addresses, checks and sends one series from one tree."""
 
-    def __init__(self, tree: WorkTree, series: Series, settings: SendSettings) -> None:
+    def __init__(
+        self, tree: WorkTree, series: Series, settings: SendSettings, *, testing: bool = True
+    ) -> None:
         self.tree = tree
         self.series = series
         self.settings = settings
+        self.testing = testing  # False: no Testing section, and no test report needed
 
     def format(self, out: Path) -> Outbox:
         """Write the mails into `out`; refuse a branch a stopped rebase has not finished."""
@@ -217,6 +222,7 @@ class Postman:
         if self.tree.rev(f"refs/heads/{branch}") is None:
             raise ToolkitError(f"{self.tree.path}: no branch {branch}", "run `invoke rebase` first")
         base = self._base(branch)
+        testing = evidence.prepare(self.tree, self.series) if self.testing else None
         out = _claim(out, self.series)
         # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
         reroll = [f"-v{self.series.version}"] if self.series.version > 1 else []
@@ -241,7 +247,10 @@ class Postman:
             headers = _read_mail(path)
             subject = " ".join(str(headers["Subject"]).split())
             mails.append(Mail(path, subject, str(headers["Message-ID"]).strip("<>")))
-        outbox = Outbox(branch, base, out, mails)
+        outbox = Outbox(branch, base, out, mails, testing=testing)
+        if testing:
+            testing.splice(mails[0].path)
+        sent_stage.stamp_change_id(mails[0].path, self.series.change_id)
         self._address(outbox)
         return outbox
 
@@ -334,14 +343,34 @@ class Postman:
             self._changelog_rules(outbox),
             self._trailer_rules(patches),
             self._applies(outbox),
+            self._evidence(outbox),
             Check(
                 "checkpatch --strict",
                 all(c.ok for c in checkpatch),
                 "; ".join(c.detail for c in checkpatch if c.detail),
                 warn=any(c.warn for c in checkpatch),
             ),
+            *self._review_checks(outbox, sending),
         ]
         return outbox.checks
+
+    def _evidence(self, outbox: Outbox) -> Check:
+        """The test report the Testing section came from: a failed series run or check gate
+        fails (it would be mailed as evidence); what the report lacks only warns."""
+        if outbox.testing is None:
+            return Check("test evidence", True, "no Testing section (--untested)", warn=True)
+        return Check("test evidence", *outbox.testing.evidence.verdict())
+
+    def _review_checks(self, outbox: Outbox, sending: bool) -> list[Check]:
+        """The review loop's: a version goes out once, and from v2 on the cover letter names
+        every patch changed since the version before (kseries.review.sent)."""
+        verdicts = [
+            sent_stage.not_sent_before(self.tree, self.series, sending=sending),
+            sent_stage.changes_named(
+                self.tree, self.series, outbox.base, _read_mail(outbox.mails[0].path).get_content()
+            ),
+        ]
+        return [Check(*v) for v in verdicts if v is not None]
 
     def _sender(self, sending: bool) -> Check:
         """The From: is the configured submitter; a real send also needs an SMTP server."""

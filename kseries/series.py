@@ -8,7 +8,7 @@ later stage relies on, so a bad definition fails before git is touched.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.errors import ObsoleteHeaderDefect
 from email.headerregistry import Address, HeaderRegistry
 from pathlib import Path
@@ -31,6 +31,7 @@ from kseries.core.files import write_atomic
 from kseries.core.run import Ran, run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
+from kseries.review.data import Given, Sent, given_trailers, sent_records
 
 # A plain dot-atom address (no quoted local part), and a name with no <, > or @ in it.
 EMAIL_RE = re.compile(r"^[\w!#$%&'*+/=?^`{|}~.-]+@[\w-]+(?:\.[\w-]+)+$", re.ASCII)
@@ -130,6 +131,9 @@ class Series:
     source: Path
     facts: dict[str, Any] = field(default_factory=dict)
     shortlog_prefixes: tuple[str, ...] = ()
+    change_id: str = ""  # b4's change-id: the same in every version's cover letter
+    sent: tuple[Sent, ...] = ()  # configs/review.toml: each version sent, oldest first
+    given: tuple[Given, ...] = ()  # configs/review.toml: trailers taken from replies
 
     @property
     def branch(self) -> str:
@@ -156,6 +160,7 @@ SERIES = Keys(
         "patches_dir": STRING,
         "templates_dir": STRING,
         "shortlog_prefixes": STRINGS,  # the subsystem's topics ("KVM: x86/mmu:"), for subjects
+        "change_id": STRING,  # b4's `change-id:`, so a maintainer's b4 sees v3 follow v2
         "facts": ANY_TABLE,  # free-form, for the templates: series.facts.v1_link
     }
 )
@@ -280,6 +285,10 @@ def load(config: Config | None = None) -> Series:
         )
     top = reader.top.table("series")
     on = reader.top.table("base")
+    patches = [
+        reader.patch(n, entry, people, patches_dir) for n, entry in enumerate(entries, start=1)
+    ]
+    given = given_trailers(config, set(people), len(patches))
     series = Series(
         name=reader.required(top, info, "name"),
         version=reader.required(top, info, "version"),
@@ -289,9 +298,7 @@ def load(config: Config | None = None) -> Series:
             url=reader.required(on, base, "url"),
             branch=reader.required(on, base, "branch"),
         ),
-        patches=tuple(
-            reader.patch(n, entry, people, patches_dir) for n, entry in enumerate(entries, start=1)
-        ),
+        patches=tuple(_with_given(p, given, people) for p in patches),
         people=people,
         cover_template=reader.required(top, info, "cover_template"),
         templates_dir=templates_dir,
@@ -299,9 +306,24 @@ def load(config: Config | None = None) -> Series:
         source=config.directory / "series.toml",
         facts=info.get("facts", {}),
         shortlog_prefixes=tuple(info.get("shortlog_prefixes", ())),
+        change_id=info.get("change_id", ""),
+        sent=sent_records(config),
+        given=given,
     )
     check_diffs([patch.diff for patch in series.patches])
     return series
+
+
+def _with_given(patch: Patch, given: tuple[Given, ...], people: dict[str, Person]) -> Patch:
+    """`patch` with the trailers reviewers gave it in replies (configs/review.toml) added to
+    its facts; one also typed into series.toml is kept once."""
+    extra: dict[str, tuple[Person, ...]] = {}
+    for entry in given:
+        if entry.patch == patch.number:
+            have = extra.get(entry.field, getattr(patch, entry.field))
+            if people[entry.person] not in have:
+                extra[entry.field] = (*have, people[entry.person])
+    return replace(patch, **extra) if extra else patch
 
 
 def check_diffs(paths: list[Path]) -> None:
@@ -355,13 +377,18 @@ def export(tree: WorkTree, series: Series, ref: str, base: str) -> Exported:
         )
     changed = []
     for sha, patch in zip(commits, series.patches, strict=True):
-        diff = tree.git(
-            *DIFF_OPTIONS, "show", "--format=", "--no-color", "--no-ext-diff", "--patch", sha
-        )
+        diff = commit_diff(tree, sha)
         if not patch.diff.exists() or patch.diff.read_text() != diff:
             write_atomic(patch.diff, diff)
             changed.append(patch.diff)
     return Exported(changed, commits)
+
+
+def commit_diff(tree: WorkTree, sha: str) -> str:
+    """A commit's diff as patches/ keeps it."""
+    return tree.git(
+        *DIFF_OPTIONS, "show", "--format=", "--no-color", "--no-ext-diff", "--patch", sha
+    )
 
 
 # Diffs stay in one shape whatever the user's git config says about prefixes.

@@ -203,7 +203,9 @@ def test_an_unknown_top_level_table(configs: Path) -> None:
     with pytest.raises(ToolkitError) as caught:
         Config.load(configs)
     assert caught.value.message == f"{configs / 'toolkit.toml'}: unknown table [sned]"
-    assert caught.value.hint == "tables in toolkit.toml: tree, default_tree, build, check, send"
+    assert caught.value.hint == (
+        "tables in toolkit.toml: tree, default_tree, build, check, send, review"
+    )
 
 
 def test_a_test_box_table_outside_testboxes_toml_is_refused(configs: Path) -> None:

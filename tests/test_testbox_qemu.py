@@ -151,6 +151,13 @@ cmdline = "console=ttyS0 panic=-1"
 qemu = {{ cpu = "qemu64,+svm", state_dir = "{state}-second" }}
 timeouts = {{ connect = 10, boot = 150, test = 120 }}
 
+[box.e2e-legacy-tdp]
+method = "qemu"
+cmdline = "console=ttyS0 panic=-1"
+kvm_params = {{ "kvm.tdp_mmu" = "0" }}
+qemu = {{ cpu = "max", state_dir = "{state}-legacy" }}
+timeouts = {{ connect = 10, boot = 150, test = 120 }}
+
 [box.e2e-mute]
 method = "kexec"
 cmdline = "console=ttyS0 panic=-1"
@@ -220,7 +227,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, kernels: Kernels) -> Iterator[
     config = Config.load(configs)
     lab = Lab(config, TestboxConfig.load(config), state, marker, root / "out")
     yield lab
-    for name in ("e2e", "e2e-second"):  # also after a failure
+    for name in ("e2e", "e2e-second", "e2e-legacy-tdp"):  # also after a failure
         local.down(lab.settings.box(name), log=lambda _: None)
 
 
@@ -249,6 +256,7 @@ def test_kexec_switch_runs_a_selftest_and_collects_dmesg(lab: Lab, kernels: Kern
     assert run.before["boot_id"] != run.after["boot_id"]
     assert kernel.load(str(kernels.a)).matches(run.before["proc_version"])
     assert [t.status for t in run.tests] == ["pass", "pass"]
+    assert run.kvm and run.kvm.mmu == "TDP MMU" and run.kvm.npt is True  # read on the box
     assert "Linux version" in (out / "e2e" / "kernel" / "dmesg.txt").read_text()
     assert "kvm_amd" in (out / "e2e" / "kernel" / "dmesg.txt").read_text()
     console = (out / "e2e" / "kernel" / "console.log").read_text()
@@ -352,6 +360,7 @@ def test_two_boxes_run_in_parallel(lab: Lab, kernels: Kernels) -> None:
     second = runs[1]
     assert second.before is None  # started fresh, so there is no earlier boot_id
     assert "-cpu qemu64,+svm" in (lab.state.parent / "state-second" / "qemu.log").read_text()
+    assert [r.kvm.mmu for r in runs if r.kvm] == ["TDP MMU", "shadow MMU"]
     assert local.down(lab.settings.box("e2e-second"), log=lambda _: None)
 
 
@@ -434,3 +443,25 @@ def test_boxes_started_at_once_from_an_empty_cache(
                 local.down(box, log=lambda _: None)
         a = kernel.load(str(kernels.a))
         assert all(s.running and a.matches(s.proc_version) for s in statuses), round_
+
+
+def test_the_legacy_tdp_box_runs_the_legacy_tdp_mmu(lab: Lab, kernels: Kernels) -> None:
+    """kvm_params reach the kernel command line and the MMU is read back from the box: sysfs
+    shows kvm.tdp_mmu=N with NPT on, which is KVM's legacy TDP MMU (direct_map())."""
+    runs, out = session.test_remote(
+        lab.config,
+        boxes=["e2e-legacy-tdp"],
+        kernel_spec=str(kernels.b),
+        tests=["smoke", "userspace_io_test"],
+        out=str(lab.out / "legacy"),
+        keep_warm=False,
+        log=print,
+    )
+    (run,) = runs
+    assert run.verdict == "pass", run.reason
+    assert run.kvm and run.kvm.mmu == "legacy TDP MMU"
+    assert (run.kvm.tdp_mmu, run.kvm.npt, run.kvm.mismatches) == (False, True, ())
+    assert "kvm.tdp_mmu=0" in (lab.state.parent / "state-legacy" / "qemu.log").read_text()
+    written = json.loads((out / "report.json").read_text())["runs"][0]["kvm"]
+    assert written["mmu"] == "legacy TDP MMU" and written["params"]["kvm.tdp_mmu"] == "N"
+    assert written["cpu"]  # the model name from the box's /proc/cpuinfo

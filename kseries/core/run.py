@@ -56,6 +56,9 @@ PACKAGES = {
     "qemu-img": "qemu-utils",  # the Debian box's overlays
     "sfdisk": "fdisk",  # the Debian box's image
     "socat": "socat",  # the Debian box's power button (its QEMU monitor)
+    "public-inbox-init": "public-inbox",  # the review loop's tests: a real list archive
+    "public-inbox-mda": "public-inbox",
+    "public-inbox-httpd": "public-inbox",
     # Not programs: what they load, by the name it is loaded by.
     "perl:Mail::Address": "libmailtools-perl",  # git send-email (only a Recommends of git-email)
     "python3:ply": "python3-ply",  # checkpatch.pl's SPDX check

@@ -10,6 +10,7 @@ One concept per module:
   box for the grub-reboot method;
 - `machine`: a box being driven: session, console, power cycle (`Machine`);
 - `boot`: boot methods (kexec, grub-reboot, qemu) and the identity proof;
+- `mmu`: which of KVM's three MMUs the booted kernel runs, read from the box (`Kvm`);
 - `suite`: the tests as data and how their programs are built;
 - `runner`: running tests on the box, dmesg scan;
 - `report`: verdicts, the table, report.json and junit.xml;

@@ -73,12 +73,14 @@ def prove(kernel: Kernel, before: Identity | None, after: Identity) -> list[str]
 
 @dataclass(frozen=True)
 class Staged:
-    """What a boot needs on this machine: the kernel, an initrd, the command line."""
+    """What a boot needs on this machine: the kernel, an initrd, the command line (with
+    `reuse_cmdline`, what to append to the one the box runs with)."""
 
     kernel: Kernel
     initrd: bytes | None
     initrd_path: Path | None
     cmdline: str
+    reuse_cmdline: bool = False
 
 
 class Method:
@@ -129,7 +131,7 @@ class Kexec(Method):
         load = ["kexec", "-l", kernel_path]
         if initrd_path:
             load.append(f"--initrd={initrd_path}")
-        load.append(f"--append={staged.cmdline}" if staged.cmdline else "--reuse-cmdline")
+        load += kexec_cmdline(staged)
         remote = machine.remote()
         remote.run(shlex.join(load), timeout=120, check=True)
         loaded = time.monotonic()
@@ -143,6 +145,13 @@ class Kexec(Method):
                 "the box still runs its old kernel; check kexec support (CONFIG_KEXEC)",
             )
         return {"upload": uploaded - started, "kexec_load": loaded - uploaded}
+
+
+def kexec_cmdline(staged: Staged) -> list[str]:
+    """kexec -l's command-line options: kexec-tools appends --append to the line
+    --reuse-cmdline reads from /proc/cmdline, so a remote box's kvm_params ride on its own."""
+    reuse = ["--reuse-cmdline"] if staged.reuse_cmdline or not staged.cmdline else []
+    return reuse + ([f"--append={staged.cmdline}"] if staged.cmdline else [])
 
 
 GRUB_CFG = "/boot/grub/grub.cfg"

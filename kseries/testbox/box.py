@@ -32,6 +32,7 @@ from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
 
 FILE = "testboxes.toml"
+KVM_MODULES = ("kvm", "kvm_amd", "kvm_intel")
 METHODS = ("kexec", "grub-reboot", "qemu")
 QEMU = Keys(
     {
@@ -63,6 +64,7 @@ BOX = Keys(
         "qemu": QEMU,
         "description": STRING,
         "vars": STRING_TABLE,
+        "kvm_params": STRING_TABLE,
     }
 )
 SETTINGS = Keys(
@@ -116,6 +118,27 @@ class Box:
     vars: dict[str, str] = field(default_factory=dict)  # fills {NAME}s in the tests' args
     qemu: QemuSettings | None = None
     description: str = ""
+    # KVM module parameters for the box's kernel command line ("kvm.tdp_mmu" = "0"): which
+    # MMU the guest's KVM runs is a fact of the box. KVM is built in (kvm-testbox.config), so
+    # they apply at boot; the run reads back what the box really shows (kseries/testbox/mmu.py).
+    kvm_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kvm_claims(self) -> dict[str, str]:
+        """Every KVM module parameter this box says its kernel boots with: those in kvm_params
+        and any MODULE.PARAM=VALUE of a KVM module written into cmdline itself."""
+        found = {}
+        for word in self.cmdline.split():
+            name, _, value = word.partition("=")
+            if name.partition(".")[0] in KVM_MODULES and "." in name:
+                found[name] = value
+        return found | self.kvm_params
+
+    def with_kvm_params(self, cmdline: str) -> str:
+        """`cmdline` with kvm_params appended, except those it already sets."""
+        present = {word.partition("=")[0] for word in cmdline.split()}
+        extra = [f"{k}={v}" for k, v in self.kvm_params.items() if k not in present]
+        return " ".join([cmdline, *extra]).strip()
 
     @property
     def is_local_qemu(self) -> bool:
@@ -171,6 +194,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
                 "accel", "accel must be auto, kvm or tcg", "see the file"
             )
     timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
+    _check_kvm_params(table, method, where)
     if qemu is None:
         missing = [k for k in ("host", "identity", "known_hosts") if not table.get(k)]
         if missing:
@@ -197,7 +221,41 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
         vars=dict(table.get("vars", {})),
         qemu=qemu,
         description=table.get("description", ""),
+        kvm_params=dict(table.get("kvm_params", {})),
     )
+
+
+def _check_kvm_params(table: dict[str, Any], method: str, where: Where) -> None:
+    """kvm_params names parameters of KVM's modules, each set once, on a box whose boot
+    method passes a command line (grub-reboot boots the box's own)."""
+    params = table.get("kvm_params", {})
+    inner = where.table("kvm_params")
+    set_in_cmdline = {w.partition("=")[0] for w in table.get("cmdline", "").split()}
+    for name, value in params.items():
+        module, dot, param = name.partition(".")
+        if module not in KVM_MODULES or not dot or not param.isidentifier():
+            raise inner.error(
+                name,
+                f"{name!r} is not MODULE.PARAM of {', '.join(KVM_MODULES)}",
+                'write it as "kvm.tdp_mmu" = "0" or "kvm_amd.npt" = "0"',
+            )
+        if not value or any(c.isspace() for c in value):
+            raise inner.error(
+                name, f"{name} must be one word, not {value!r}", f'write it as "{name}" = "0"'
+            )
+        if name in set_in_cmdline:
+            raise inner.error(
+                name,
+                f"{name} is set in both cmdline and kvm_params",
+                "keep it in kvm_params only",
+            )
+    if params and method == "grub-reboot":
+        raise where.error(
+            "kvm_params",
+            "kvm_params needs a boot method that passes a command line (kexec or qemu); "
+            "grub-reboot boots the box's own",
+            'put them in the box\'s GRUB_CMDLINE_LINUX, or use method = "kexec"',
+        )
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 `invoke build` writes a manifest next to each bzImage (kseries/build/manifest.py) and points
 ~/.cache/kseries/build/last.json at the newest. This module reads a manifest through one small,
 tolerant function (`read_manifest`), so the test-box stage depends only on the few fields it
-needs: the image's path, sha256, kernelrelease and utsversion, plus the tree and commit for the
-report. It also reads the version string every x86 bzImage carries in its setup header, which
-identifies a bare image without a manifest and catches a manifest that no longer matches the
-image it names (a rebuild since).
+needs: the image's path, sha256, kernelrelease and utsversion, plus the tree, branch and commit
+for the report (send finds the newest report of a branch by them). It also reads the version
+string every x86 bzImage carries in its setup header, which identifies a bare image without a
+manifest and catches a manifest that no longer matches the image it names (a rebuild since).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Kernel:
     utsversion: str  # "#3 SMP PREEMPT Thu Nov 26 14:26:29 UTC 2026"
     manifest: Path | None = None
     tree: str = ""
+    branch: str = ""  # the tree's branch it was built from ("" for a detached checkout)
     commit: str = ""
     dirty: bool = False
 
@@ -59,6 +60,7 @@ class Kernel:
             "utsversion": self.utsversion,
             "manifest": str(self.manifest) if self.manifest else None,
             "tree": self.tree,
+            "branch": self.branch,
             "commit": self.commit,
             "dirty": self.dirty,
         }
@@ -78,7 +80,8 @@ def image_version(data: bytes) -> tuple[str, str]:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The few manifest fields this stage uses, tolerating shape changes in the rest:
-    {"bzimage": path, "sha256", "kernelrelease", "utsversion", "tree", "commit", "dirty"}.
+    {"bzimage": path, "sha256", "kernelrelease", "utsversion", "tree", "branch", "commit",
+    "dirty"}.
     `bzimage` may be an object {path, sha256, size} (kseries.build's FileId) or a plain path."""
     try:
         data = json.loads(path.read_text())
@@ -103,6 +106,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         "kernelrelease": str(data.get("kernelrelease") or ""),
         "utsversion": str(data.get("utsversion") or ""),
         "tree": str(data.get("tree") or ""),
+        "branch": str(data.get("branch") or ""),
         "commit": str(data.get("commit") or ""),
         "dirty": bool(data.get("dirty", False)),
     }
@@ -173,6 +177,7 @@ def load(spec: str = "") -> Kernel:
         utsversion=uts,
         manifest=manifest,
         tree=facts.get("tree", ""),
+        branch=facts.get("branch", ""),
         commit=facts.get("commit", ""),
         dirty=facts.get("dirty", False),
     )

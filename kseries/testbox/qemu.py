@@ -155,9 +155,10 @@ class QemuBox:
         return self.dir / "good"
 
     def kernel_cmdline(self, base: str, accel: str | None = None) -> str:
-        """The box's command line; under TCG with tsc_early_khz= set from the host (see
-        host_tsc_khz) unless the configured line already has it or qemu.tsc_khz is 0."""
-        cmdline = base or self.box.cmdline or DEFAULT_CMDLINE
+        """The box's command line with its kvm_params; under TCG with tsc_early_khz= set from
+        the host (see host_tsc_khz) unless the configured line already has it or qemu.tsc_khz
+        is 0."""
+        cmdline = self.box.with_kvm_params(base or self.box.cmdline or DEFAULT_CMDLINE)
         accel = accel or self.state().accel
         khz = self.settings.tsc_khz if self.settings.tsc_khz >= 0 else host_tsc_khz()
         if accel == "tcg" and khz > 0 and "tsc_early_khz=" not in cmdline:

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.table import Table
 
+from kseries.testbox.mmu import Kvm
 from kseries.testbox.runner import Splat, TestResult
 from kseries.testbox.trace import Trace
 
@@ -59,11 +60,16 @@ class Run:
     files: dict[str, str] = field(default_factory=dict)
     directory: Path | None = None
     trace: Trace | None = None  # with --trace: what the fault-path probes saw
+    kvm: Kvm | None = None  # the MMU and CPU the box showed after the boot
 
     def conclude(self) -> None:
-        """Set pass/fail from the tests and the splats (for a run that got that far)."""
+        """Set pass/fail from the tests, the splats and the MMU (for a run that got that far):
+        a box that does not show the KVM parameters it claims did not test what it says."""
         bad = [t for t in self.tests if t.status in ("fail", "timeout", "error")]
-        if self.splats:
+        if self.kvm and self.kvm.mismatches:
+            self.verdict = "fail"
+            self.reason = f"box {self.box} " + "; ".join(self.kvm.mismatches)
+        elif self.splats:
             self.verdict = "fail"
             self.reason = f"{len(self.splats)} splat(s) in dmesg: {self.splats[0].line.strip()}"
         elif bad:
@@ -73,6 +79,7 @@ class Run:
             self.verdict = "pass"
 
     def to_json(self) -> dict[str, Any]:
+        kvm = {"kvm": self.kvm.to_json()} if self.kvm else {}  # absent: never read
         return {
             "box": self.box,
             "label": self.label,
@@ -88,7 +95,7 @@ class Run:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "files": self.files,
             "trace": self.trace.to_json() if self.trace else None,
-        }
+        } | kvm
 
 
 def overall(runs: Sequence[Run], *, reference_may_fail: bool = False) -> bool:
@@ -120,6 +127,9 @@ def table(runs: Sequence[Run]) -> Table:
             boot_row.append(cell("pass", f" {run.timings.get('boot', 0):.1f}s"))
         else:
             boot_row.append(cell("error"))
+    if any(run.kvm for run in runs):
+        grid.add_row("MMU (read)", *(_mmu_cell(run.kvm) for run in runs))
+        grid.add_row("CPU", *(run.kvm.cpu or "?" if run.kvm else "-" for run in runs))
     grid.add_row("boot + identity", *boot_row)
     for name in names:
         row = []
@@ -138,6 +148,12 @@ def table(runs: Sequence[Run]) -> Table:
     )
     grid.add_row("verdict", *(cell(r.verdict) for r in runs))
     return grid
+
+
+def _mmu_cell(kvm: Kvm | None) -> str:
+    if kvm is None:
+        return "-"
+    return kvm.mmu + ("\n[bold red]not as claimed[/]" if kvm.mismatches else "")
 
 
 def soak_rows(runs: Sequence[Run]) -> dict[str, list[dict[str, Any]]]:
@@ -206,6 +222,8 @@ def details(runs: Sequence[Run]) -> list[str]:
             f"{run.kernel.get('utsversion', '')}): {run.verdict}"
         )
         lines.append(head + (f": {run.reason}" if run.reason else ""))
+        if run.kvm:
+            lines += [f"  MMU: {m}" for m in run.kvm.mismatches if m not in run.reason]
         for splat in run.splats[:5]:
             lines.append(f"  dmesg:{splat.line_number}: {splat.line}")
             lines += [f"    {c}" for c in splat.context[:4]]

@@ -28,13 +28,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kseries import records
 from kseries.config import Config
 from kseries.core.files import exclusive, write_atomic
 from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
+from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT, cache_dir
-from kseries.testbox import boot, kernel, suite
+from kseries.testbox import boot, kernel, mmu, suite
 from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.group import Group
 from kseries.testbox.machine import Machine, last_lines, write_console
@@ -79,7 +81,7 @@ class BoxSession:
     def staged(self, subject: kernel.Kernel) -> boot.Staged:
         box, qemu = self.box, self.machine.qemu
         initrd_path = box.initrd or (qemu.initramfs() if qemu else None)
-        cmdline = qemu.kernel_cmdline(box.cmdline) if qemu else box.cmdline
+        cmdline = qemu.kernel_cmdline(box.cmdline) if qemu else box.with_kvm_params(box.cmdline)
         if qemu is not None and self.method.name == "qemu":
             # QEMU reads the image from disk at start: give it a private copy, so a rebuild of
             # the tree's bzImage in the meantime cannot change what boots.
@@ -88,7 +90,8 @@ class BoxSession:
                 write_atomic(private, subject.data)
             subject = replace(subject, path=private)
         initrd = initrd_path.read_bytes() if initrd_path else None
-        return boot.Staged(subject, initrd, initrd_path, cmdline)
+        reuse = qemu is None and not box.cmdline  # kexec keeps the box's own line
+        return boot.Staged(subject, initrd, initrd_path, cmdline, reuse_cmdline=reuse)
 
     def reach(self) -> boot.Identity | None:
         """The identity before the switch; None when a local box is (re)started anyway."""
@@ -202,6 +205,8 @@ class BoxSession:
         )
         if machine.qemu is not None and staged.initrd_path is not None:
             machine.qemu.remember_good(staged.kernel.data, staged.initrd_path, record.after)
+        record.kvm = mmu.read(machine.remote(), box.kvm_claims)
+        self.log(f"{subject.label}: MMU {record.kvm.mmu}, CPU {record.kvm.cpu or '?'}")
         t = time.monotonic()
         remote = machine.remote()
         traced = self.tracer.attach(remote) if self.tracer else None
@@ -416,7 +421,7 @@ def test_remote(
         runs = [r for box_runs in Group(chosen).run(one_box).values_or_raise() for r in box_runs]
         from kseries.testbox import report
 
-        report.write(
+        written, _ = report.write(
             directory,
             runs,
             {
@@ -429,6 +434,13 @@ def test_remote(
                 "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
         )
+        if under_test.branch and (Path(under_test.tree) / ".git").exists():  # send's evidence
+            records.remember_test_report(
+                WorkTree(Path(under_test.tree)),
+                under_test.to_json(),
+                written,
+                [b.name for b in chosen if b.is_local_qemu],
+            )
         latest = directory.parent / "latest"
         if not out and (not latest.exists() or latest.is_symlink()):
             latest.unlink(missing_ok=True)
