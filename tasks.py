@@ -530,6 +530,26 @@ def testbox_console(c: Context, box: str = "", lines: str = "50") -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+@task(help={"mirror": "Debian archive URL (default: the one this machine's apt sources use)"})
+@edge
+def testbox_distro_image(c: Context, mirror: str = "") -> None:
+    """Build (once) the Debian bookworm disk image of the grub-reboot box; say how to boot it."""
+    from kseries.testbox import distro
+
+    made = distro.build_image(mirror=mirror, log=log)
+    box = distro.DiskBox(made, distro.image_dir() / "box", port=2222)
+    lines = [
+        f"image       {made.disk} (run boxes on a qcow2 overlay of it)",
+        f"identity    {made.identity}",
+        f"host key    {made.host_public()}",
+        f"initrd      {made.initramfs()} (for a test kernel without disk drivers)",
+        "boot it:    qemu-img create -f qcow2 -F raw -b IMAGE OVERLAY, then",
+        "            " + " ".join(box.command(Path("OVERLAY"))),
+        "its box:    " + ", ".join(f"{k} = {v!r}" for k, v in box.box_table().items()),
+    ]
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
 # The namespace is explicit so stage groups (e.g. `testbox.up`) can sit beside top-level tasks.
 ns = Collection(
     rebase,
@@ -551,4 +571,5 @@ testbox.add_task(testbox_up, name="up")
 testbox.add_task(testbox_down, name="down")
 testbox.add_task(testbox_status, name="status")
 testbox.add_task(testbox_console, name="console")
+testbox.add_task(testbox_distro_image, name="distro-image")
 ns.add_collection(testbox)

@@ -13,6 +13,7 @@ APT_PACKAGES=(
     qemu-system-x86 busybox-static dropbear-bin kexec-tools  # the local QEMU test box
     openssh-client openssh-server  # SSH to boxes; sshd for the SSH-layer tests
     mmdebstrap  # tests/test_fresh_root.py: a fresh Debian root for ci/install.sh
+    qemu-utils fdisk socat  # the Debian grub-reboot box: its image, overlays and power button
     public-inbox  # tests/test_review.py: the list archive a maintainer's b4 reads
 )
 

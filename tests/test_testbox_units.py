@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -78,12 +79,14 @@ def test_remote_box_paths_are_relative_to_configs(tmp_path: Path) -> None:
             "identity": "keys/id",
             "known_hosts": "kh",
             "power_cycle": "ipmitool chassis power cycle",
+            "console_log": "/var/log/conserver/lab.log",
             "timeouts": {"boot": 600},
         },
         tmp_path,
         "[box.lab]",
     )
     assert box.identity == tmp_path / "keys/id" and box.known_hosts == tmp_path / "kh"
+    assert box.console_log == Path("/var/log/conserver/lab.log")
     assert box.timeouts.boot == 600 and box.timeouts.connect == 10 and box.port == 22
     assert box.address() == "root@h:22"
 
@@ -282,6 +285,54 @@ def test_grub_entry_is_found_by_its_image() -> None:
     assert boot.grub_entry(GRUB_CFG, "vmlinuz-6.1.0-13-amd64") == "gnulinux-simple-UUID"
     with pytest.raises(boot.BootError, match="no menu entry"):
         boot.grub_entry(GRUB_CFG, "vmlinuz-none")
+
+
+# What Debian's update-grub writes with the toolkit's /etc/grub.d/45_kseries in place.
+DEBIAN_CFG = """\
+set default="${saved_entry}"
+menuentry 'Debian GNU/Linux' --class debian $menuentry_id_option 'gnulinux-simple-U' {
+\tlinux\t/boot/vmlinuz-6.1.0-41-amd64 root=UUID=U ro console=ttyS0,115200
+}
+submenu 'Advanced options for Debian GNU/Linux' $menuentry_id_option 'gnulinux-advanced-U' {
+\tmenuentry 'Debian GNU/Linux, with Linux 6.1.0-41-amd64' $menuentry_id_option 'gnulinux-6.1.0-41-amd64-advanced-U' {
+\t\tlinux\t/boot/vmlinuz-6.1.0-41-amd64 root=UUID=U ro console=ttyS0,115200
+\t}
+}
+menuentry 'kseries test kernel 7.2.13+' $menuentry_id_option 'kseries-84aed8a77440' {
+\tlinux\t/boot/kseries/vmlinuz-7.2.13+-84aed8a77440 root=PARTUUID=P-01 ro panic=10
+}
+"""  # noqa: E501
+GOOD = "gnulinux-advanced-U>gnulinux-6.1.0-41-amd64-advanced-U"
+
+
+def test_grub_fallback_needs_a_saved_known_good_entry() -> None:
+    saved = f"GRUB_DEFAULT=saved\nsaved_entry={GOOD}\n"
+    assert boot.grub_fallback(saved, DEBIAN_CFG) == GOOD
+    assert boot.grub_entry(DEBIAN_CFG, "vmlinuz-7.2.13+-84aed8a77440") == "kseries-84aed8a77440"
+    cases = {
+        "GRUB_DEFAULT=0\n": "GRUB_DEFAULT=0: the box boots whichever entry",
+        "GRUB_DEFAULT=saved\n": "has no saved_entry",
+        "GRUB_DEFAULT=saved\nsaved_entry=gone\n": "'gone' is not in /boot/grub/grub.cfg",
+        "GRUB_DEFAULT=saved\nsaved_entry=kseries-84aed8a77440\n": "is a kseries test kernel",
+    }
+    for settings, message in cases.items():
+        with pytest.raises(boot.BoxNotReady, match=re.escape(message)) as refused:
+            boot.grub_fallback(settings, DEBIAN_CFG)
+        # the fix names a real, versioned known-good entry (never the test kernel's)
+        assert f"grub-set-default '{GOOD}'" in refused.value.hint
+        assert "GRUB_DEFAULT=saved" in refused.value.hint
+
+
+def test_the_image_saves_a_versioned_debian_entry() -> None:
+    from kseries.testbox import distro
+
+    assert distro.known_good_entry(DEBIAN_CFG) == GOOD  # not the simple one, not kseries'
+
+
+def test_grub_entry_script_is_valid_shell_with_its_settings() -> None:
+    script = boot.GRUB_SCRIPT.read_text()
+    assert script.count("set -e\n") == 1  # where boot() puts the KSERIES_* settings
+    subprocess.run(["sh", "-n", str(boot.GRUB_SCRIPT)], check=True)
 
 
 # --- reports -----------------------------------------------------------------------------------

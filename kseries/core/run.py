@@ -47,11 +47,15 @@ PACKAGES = {
     "busybox": "busybox-static",
     "dropbear": "dropbear-bin",
     "dropbearkey": "dropbear-bin",
+    "dropbearconvert": "dropbear-bin",
     "kexec": "kexec-tools",
     "ssh-keygen": "openssh-client",
     "ssh": "openssh-client",
     "sshd": "openssh-server",
     "mmdebstrap": "mmdebstrap",
+    "qemu-img": "qemu-utils",  # the Debian box's overlays
+    "sfdisk": "fdisk",  # the Debian box's image
+    "socat": "socat",  # the Debian box's power button (its QEMU monitor)
     "public-inbox-init": "public-inbox",  # the review loop's tests: a real list archive
     "public-inbox-mda": "public-inbox",
     "public-inbox-httpd": "public-inbox",

@@ -6,6 +6,8 @@ One concept per module:
 - `kernel`: the kernel under test (`Kernel`), from a build manifest or a bare bzImage;
 - `initramfs`: the local box's userspace image and its fixed host key;
 - `qemu`: the local QEMU box's process (`QemuBox`);
+- `distro`: the Debian disk image and the QEMU that boots it from its disk (`DiskBox`), a real
+  box for the grub-reboot method;
 - `machine`: a box being driven: session, console, power cycle (`Machine`);
 - `boot`: boot methods (kexec, grub-reboot, qemu) and the identity proof;
 - `mmu`: which of KVM's three MMUs the booted kernel runs, read from the box (`Kvm`);

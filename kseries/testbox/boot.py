@@ -6,9 +6,11 @@ Three methods, chosen by the box's `method`:
   exec channel with a short timeout. (Backgrounding it with nohup silently does nothing over
   SSH: the box keeps its old kernel. See ../shared/notes/testbox-lab.md.) A `kexec -e` that
   returns has failed, and says why.
-- `grub-reboot`: install the kernel under /boot, let the box's update-grub add it, make it the
-  one-shot next entry with grub-reboot, reboot. A failed boot falls back to the default entry
-  on the next reset (the power cycle).
+- `grub-reboot`: refuse a box whose GRUB has no saved known-good default (GRUB_DEFAULT=saved
+  and a saved_entry), install the kernel under /boot/kseries with a menu entry of its own
+  (panic=N on its command line), update-grub, make it the one-shot next entry with grub-reboot,
+  reboot. A failed boot falls back to the saved entry on the next reset (the panic's own
+  reboot, or the power cycle). The kernel and its entry are removed after the run.
 - `qemu`: the local box is restarted on the new kernel.
 
 Proof: /proc/version must carry the build's kernelrelease and utsversion (#N, the build user,
@@ -22,14 +24,14 @@ import hashlib
 import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from kseries.errors import ToolkitError
 from kseries.testbox.kernel import Kernel
 from kseries.testbox.machine import Machine
-from kseries.testbox.ssh import Remote
+from kseries.testbox.ssh import Remote, Unreachable
 
 Log = Callable[[str], None]
 
@@ -89,6 +91,11 @@ class Method:
     def boot(self, machine: Machine, staged: Staged, log: Log) -> dict[str, float]:
         """Start the switch; return the timings of its steps (seconds, for the report)."""
         raise NotImplementedError
+
+    def cleanup(self, machine: Machine, log: Log) -> dict[str, float]:
+        """Remove what `boot` installed on the box (after the run, on whichever kernel it is
+        on); return the timings. Nothing, for methods that install nothing lasting."""
+        return {}
 
 
 def _upload_boot_files(
@@ -150,11 +157,11 @@ def kexec_cmdline(staged: Staged) -> list[str]:
 GRUB_CFG = "/boot/grub/grub.cfg"
 
 
-def grub_entry(grub_cfg: str, image: str) -> str:
-    """The grub-reboot id of the menu entry whose `linux` line boots `image` (a /boot file
-    name), e.g. "gnulinux-advanced-UUID>gnulinux-7.2.13-kseries-advanced-UUID"."""
+def grub_entries(grub_cfg: str) -> Iterator[tuple[str, str]]:
+    """(grub-reboot id, kernel path) of each menu entry of a grub.cfg, in order; the id of an
+    entry in a submenu is "SUBMENU>ENTRY", e.g. "gnulinux-advanced-UUID>gnulinux-6.1.0-...-UUID"."""
     stack: list[str] = []
-    pending: list[str] = []  # ids of the blocks opened so far, with "" for non-menu blocks
+    kinds: list[str] = []  # of the blocks opened so far: submenu, menuentry or block (if, ...)
     for raw in grub_cfg.splitlines():
         line = raw.strip()
         opened = re.match(
@@ -164,44 +171,157 @@ def grub_entry(grub_cfg: str, image: str) -> str:
         )
         if opened:
             stack.append(opened.group(4) or opened.group(3))
-            pending.append(opened.group(1))
+            kinds.append(opened.group(1))
             continue
         if line.endswith("{"):
             stack.append("")
-            pending.append("block")
+            kinds.append("block")
             continue
         if line == "}" and stack:
             stack.pop()
-            pending.pop()
+            kinds.pop()
             continue
-        if re.match(rf"linux\s+\S*/{re.escape(image)}(\s|$)", line) and pending:
-            return ">".join(s for s, kind in zip(stack, pending, strict=True) if kind != "block")
+        linux = re.match(r"linux\s+(\S+)", line)
+        if linux and "menuentry" in kinds:
+            ids = [s for s, kind in zip(stack, kinds, strict=True) if kind != "block"]
+            yield ">".join(ids), linux.group(1)
+
+
+def grub_entry(grub_cfg: str, image: str) -> str:
+    """The grub-reboot id of the menu entry whose `linux` line boots `image` (a file name)."""
+    for entry, path in grub_entries(grub_cfg):
+        if path.rsplit("/", 1)[-1] == image:
+            return entry
     raise BootError(
-        f"{GRUB_CFG} has no menu entry for /boot/{image} after update-grub",
-        "check that the box's grub scripts pick up /boot/vmlinuz-* (Debian's 10_linux does)",
+        f"{GRUB_CFG} has no menu entry for {image} after update-grub",
+        "check that the box's /etc/grub.d scripts run (update-grub's output says)",
     )
 
 
+class BoxNotReady(ToolkitError):
+    """The box is not set up for the method (nothing was changed on it)."""
+
+
+GRUB_SCRIPT = Path(__file__).with_name("grub-entry.sh")
+GRUB_HOOK = "/etc/grub.d/45_kseries"
+GRUB_KERNELS = "/boot/kseries"
+PANIC_REBOOT = 10  # panic=N for a test kernel: a panic reboots the box into its default
+# How grub-mkconfig reads the settings: /etc/default/grub, then /etc/default/grub.d/*.cfg.
+GRUB_DEFAULT_CMD = (
+    'sh -c \'. /etc/default/grub; for f in /etc/default/grub.d/*.cfg; do [ -e "$f" ] && . "$f"; '
+    'done; echo "GRUB_DEFAULT=$GRUB_DEFAULT"\'; grub-editenv list'
+)
+
+
+def grub_fallback(settings: str, grub_cfg: str) -> str:
+    """The known-good entry a failed test kernel falls back to, from the output of
+    GRUB_DEFAULT_CMD and the box's grub.cfg; BoxNotReady, with the fix, if there is none.
+
+    With Debian's stock GRUB_DEFAULT=0 the default is whatever update-grub sorts first, and a
+    one-shot entry that hangs is retried by nothing: the box must boot a saved entry (one named
+    by its id, that exists and is not a kseries test kernel)."""
+    values = dict(line.split("=", 1) for line in settings.splitlines() if "=" in line)
+    default, saved = values.get("GRUB_DEFAULT", ""), values.get("saved_entry", "")
+    entries = list(grub_entries(grub_cfg))
+    example = next((e for e, path in entries if ">" in e and GRUB_KERNELS not in path), "ID")
+    fix = (
+        "on the box: set GRUB_DEFAULT=saved in /etc/default/grub, then run "
+        f"`grub-set-default '{example}'` (a known-good kernel's entry) and `update-grub`"
+    )
+    if default != "saved":
+        raise BoxNotReady(
+            f"GRUB_DEFAULT={default or '(unset)'}: the box boots whichever entry update-grub "
+            "sorts first, so a test kernel that fails to boot would have no fallback",
+            fix,
+        )
+    if not saved:
+        raise BoxNotReady("GRUB_DEFAULT=saved but grub-editenv has no saved_entry", fix)
+    found = [path for entry, path in entries if entry == saved]
+    if not found:
+        raise BoxNotReady(
+            f"the saved default entry {saved!r} is not in {GRUB_CFG}",
+            f"{fix}; entry ids: {', '.join(e for e, _ in entries[:4])}",
+        )
+    if GRUB_KERNELS in found[0]:
+        raise BoxNotReady(f"the saved default entry {saved!r} is a kseries test kernel", fix)
+    return saved
+
+
 class GrubReboot(Method):
-    """Untested on real hardware here (no such box is reachable from this machine)."""
+    """Boot once into the test kernel with grub-reboot; the box's saved default entry stays
+    the known-good kernel, which a reset (a panic with panic=N, or the power cycle) falls back
+    to. The kernel goes to /boot/kseries/, its entry comes from our /etc/grub.d script (so
+    10_linux never lists it), and both are removed after the run."""
 
     name = "grub-reboot"
 
     def boot(self, machine: Machine, staged: Staged, log: Log) -> dict[str, float]:
         started = time.monotonic()
         remote = machine.remote()
-        release = f"{staged.kernel.kernelrelease}-kseries"
-        image = f"vmlinuz-{release}"
-        remote.upload(staged.kernel.data, f"/boot/{image}")
-        if staged.initrd is not None:
-            remote.upload(staged.initrd, f"/boot/initrd.img-{release}")
-        remote.run("update-grub", timeout=300, check=True)
         cfg = remote.run(f"cat {GRUB_CFG}", timeout=30, check=True).stdout
-        entry = grub_entry(cfg, image)
+        settings = remote.run(GRUB_DEFAULT_CMD, timeout=30, check=True).stdout
+        try:
+            fallback = grub_fallback(settings, cfg)
+        except BoxNotReady as e:
+            raise BoxNotReady(f"{remote.address}: {e.message}", e.hint) from None
+        kernel = staged.kernel
+        image = f"{GRUB_KERNELS}/vmlinuz-{kernel.kernelrelease}-{kernel.sha256[:12]}"
+        if remote.sha256(image).get(image) != kernel.sha256:
+            remote.upload(kernel.data, image)
+        initrd = ""
+        if staged.initrd is not None:
+            initrd = f"{GRUB_KERNELS}/initrd-{hashlib.sha256(staged.initrd).hexdigest()[:12]}"
+            remote.upload(staged.initrd, initrd)
+        cmdline = staged.cmdline
+        if not re.search(r"(^|\s)panic=", cmdline):
+            cmdline = f"{cmdline} panic={PANIC_REBOOT}".strip()
+        entry_id = f"kseries-{kernel.sha256[:12]}"
+        settings_lines = {
+            "KSERIES_ID": entry_id,
+            "KSERIES_RELEASE": kernel.kernelrelease,
+            "KSERIES_IMAGE": image,
+            "KSERIES_INITRD": initrd,
+            "KSERIES_CMDLINE": cmdline,
+        }
+        header = "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings_lines.items())
+        script = GRUB_SCRIPT.read_text().replace("set -e\n", f"{header}set -e\n", 1)
+        remote.upload(script.encode(), GRUB_HOOK, mode="755")
+        uploaded = time.monotonic()
+        remote.run("update-grub", timeout=300, check=True)
+        updated = time.monotonic()
+        cfg = remote.run(f"cat {GRUB_CFG}", timeout=30, check=True).stdout
+        entry = grub_entry(cfg, image.rsplit("/", 1)[-1])
         remote.run(f"grub-reboot {shlex.quote(entry)}", timeout=60, check=True)
-        log(f"boot: grub-reboot {entry!r}; rebooting")
+        log(f"boot: grub-reboot {entry!r} (falls back to {fallback!r}); rebooting")
         remote.start("reboot", wait=machine.box.timeouts.kexec_exec)
-        return {"install": time.monotonic() - started}
+        try:
+            down = machine.wait_until_down(machine.box.timeouts.boot)
+        except Unreachable as e:
+            raise BootError(e.message, e.hint) from None
+        return {"upload": uploaded - started, "update_grub": updated - uploaded, "shutdown": down}
+
+    def cleanup(self, machine: Machine, log: Log) -> dict[str, float]:
+        started = time.monotonic()
+        remote = machine.remote()
+        if not remote.run(f"command -v update-grub && test -f {GRUB_CFG}", timeout=30).ok:
+            # A test kernel on an initrd of its own: its userspace has no /boot and no grub.
+            # A plain reboot goes back to the saved entry, which has them.
+            log("boot: this system has no update-grub; a plain reboot into the saved entry first")
+            remote.start("reboot", wait=machine.box.timeouts.kexec_exec)
+            machine.wait_until_down(machine.box.timeouts.boot)
+            machine.wait_for_ssh(machine.box.timeouts.boot, what="SSH on the saved entry")
+            remote = machine.remote()
+        installed = f"[ -e {GRUB_HOOK} ] || [ -e {GRUB_KERNELS} ]"
+        remove = f"rm -rf {GRUB_KERNELS} {GRUB_HOOK} && update-grub && echo removed"
+        result = remote.run(
+            f"if {installed}; then {remove}; fi",
+            timeout=300,
+            check=True,
+        )
+        if "removed" not in result.stdout:
+            return {}
+        log(f"boot: removed {GRUB_KERNELS} and {GRUB_HOOK}, update-grub done")
+        return {"cleanup": time.monotonic() - started}
 
 
 class QemuRestart(Method):

@@ -55,6 +55,7 @@ BOX = Keys(
         "identity": STRING,
         "known_hosts": STRING,
         "power_cycle": STRING,
+        "console_log": STRING,
         "cmdline": STRING,
         "initrd": STRING,
         "workdir": STRING,
@@ -108,6 +109,7 @@ class Box:
     identity: Path | None = None
     known_hosts: Path | None = None
     power_cycle: str = ""  # a shell command run on this machine when the box stops answering
+    console_log: Path | None = None  # a file on this machine its serial console is logged to
     cmdline: str = ""  # the new kernel's command line; empty: kexec --reuse-cmdline
     initrd: Path | None = None  # passed with the kernel (kexec, grub); the QEMU box has its own
     workdir: str = "/tmp/kseries"  # where uploads go on the box
@@ -210,6 +212,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
         identity=_path(table.get("identity"), directory),
         known_hosts=_path(table.get("known_hosts"), directory),
         power_cycle=table.get("power_cycle", ""),
+        console_log=_path(table.get("console_log"), directory),
         cmdline=table.get("cmdline", ""),
         initrd=_path(table.get("initrd"), directory),
         workdir=table.get("workdir", "/tmp/kseries"),

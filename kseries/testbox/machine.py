@@ -3,9 +3,11 @@ running, and how to bring it back (power-cycle) when it stops answering.
 
 For a local QEMU box the console is the serial log, "running" is the QEMU process, and the
 power cycle restarts QEMU on the last kernel that booted and answered (plus the box's own
-power_cycle command, if it has one). For a remote box there is no console, and the power cycle
-is the configured command (IPMI, a PDU, anything), after which the box's default boot entry,
-its known-good kernel, is expected to come up.
+power_cycle command, if it has one). For a remote box the console is the file its
+`console_log` names (a conserver or serial-over-LAN log), if any, and the power cycle is the
+configured command (IPMI, a PDU, a QEMU monitor's reset), after which the box's default boot
+entry, its known-good kernel, is expected to come up. A remote box whose console shows a kernel
+panic while it is awaited is given up on at once, not after the whole boot timeout.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from pathlib import Path
 from kseries.core.run import CommandTimedOut, run
 from kseries.errors import ToolkitError
 from kseries.testbox.box import Box
-from kseries.testbox.qemu import QemuBox
+from kseries.testbox.qemu import QemuBox, read_since
 from kseries.testbox.ssh import HostKeyError, Remote, Unreachable
 
 Log = Callable[[str], None]
 BANNER_WAIT = 3.0  # per attempt, while waiting for a box to boot
+PANIC = "Kernel panic - not syncing"
 
 
 class PowerCycleFailed(ToolkitError):
@@ -56,9 +59,12 @@ class Machine:
         if self._remote is not None:
             self._remote.close()
 
-    def wait_for_ssh(self, timeout: float, *, what: str = "SSH") -> float:
+    def wait_for_ssh(
+        self, timeout: float, *, what: str = "SSH", watch: int | None = None
+    ) -> float:
         """Connect with backoff (0.2 s growing to 2 s) until `timeout`; return the seconds it
-        took. Gives up early if a local box's QEMU exited. A host-key error is not retried."""
+        took. Gives up early if a local box's QEMU exited, or if a remote box's console shows a
+        panic after the mark `watch`. A host-key error is not retried."""
         started = time.monotonic()
         deadline = started + timeout
         delay = 0.2
@@ -69,6 +75,12 @@ class Machine:
                 raise Unreachable(
                     f"box {self.box.name}: QEMU exited while waiting for {what} "
                     f"({self.qemu.exit_reason()})",
+                    "see the console log",
+                )
+            panic = self.panic_line(watch)
+            if panic:
+                raise Unreachable(
+                    f"box {self.box.name}: the kernel panicked while waiting for {what}: {panic}",
                     "see the console log",
                 )
             remaining = deadline - time.monotonic()
@@ -93,18 +105,55 @@ class Machine:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 2.0)
 
+    def wait_until_down(self, timeout: float) -> float:
+        """After a clean reboot was asked for: wait until the box's sshd stops answering (a
+        fresh connection fails), so that the next wait_for_ssh reaches the new boot and not
+        the old system on its way down. Returns the seconds it took."""
+        started = time.monotonic()
+        self.disconnect()
+        while time.monotonic() - started < timeout:
+            probe = Remote(self.ssh_box(), log=self.log)
+            try:
+                probe.connect(timeout=self.box.timeouts.connect, banner_timeout=BANNER_WAIT)
+            except Unreachable:
+                return time.monotonic() - started
+            finally:
+                probe.close()
+            time.sleep(0.5)
+        raise Unreachable(
+            f"box {self.box.name}: still answering {timeout:g}s after the reboot was asked for",
+            "check that `reboot` works on the box",
+        )
+
     # --- console and liveness ----------------------------------------------------------------
 
     def alive(self) -> bool:
         return self.qemu.running() if self.qemu else True
 
     def console_mark(self) -> int | None:
-        return self.qemu.console_size() if self.qemu else None
+        if self.qemu is not None:
+            return self.qemu.console_size()
+        log = self.box.console_log
+        if log is None:
+            return None
+        return log.stat().st_size if log.exists() else 0
 
     def console_since(self, mark: int | None) -> str | None:
-        if self.qemu is None or mark is None:
+        if mark is None:
             return None
-        return self.qemu.console_since(mark)
+        if self.qemu is not None:
+            return self.qemu.console_since(mark)
+        if self.box.console_log is None:
+            return None
+        return read_since(self.box.console_log, mark)
+
+    def panic_line(self, mark: int | None) -> str:
+        """A remote box's console panic line after `mark` ("" if none). A local QEMU box's
+        panic ends its QEMU (-no-reboot), which alive() sees."""
+        if self.qemu is not None:
+            return ""
+        text = self.console_since(mark) or ""
+        return next((line.strip() for line in text.splitlines() if PANIC in line), "")
 
     # --- bringing it back ----------------------------------------------------------------------
 

@@ -103,6 +103,16 @@ def host_tsc_khz() -> int:
     return 0
 
 
+def read_since(path: Path, offset: int) -> str:
+    """A log file's text from `offset` on ("" if it cannot be read): a console so far."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def shared_dir() -> Path:
     """Keys and the initramfs are shared by all local boxes."""
     return cache_dir() / "testbox"
@@ -375,12 +385,7 @@ class QemuBox:
     # --- console -----------------------------------------------------------------------------
 
     def console_since(self, offset: int) -> str:
-        try:
-            with self.console_log.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return read_since(self.console_log, offset)
 
     def console_size(self) -> int:
         return self.console_log.stat().st_size if self.console_log.exists() else 0

@@ -131,6 +131,7 @@ class BoxSession:
             record.verdict, record.reason = "error", str(e)
             self._ensure_answering(record)
         finally:
+            self._clean_up(record)
             record.timings["total"] = time.monotonic() - started
             console = write_console(self.machine, mark, directory / "console.log")
             if console:
@@ -176,7 +177,7 @@ class BoxSession:
             return
         record.timings["switch"] = time.monotonic() - t
         try:
-            machine.wait_for_ssh(box.timeouts.boot, what="SSH on the new kernel")
+            machine.wait_for_ssh(box.timeouts.boot, what="SSH on the new kernel", watch=mark)
         except Unreachable as e:
             record.timings["boot"] = time.monotonic() - t
             record.verdict, record.reason = "boot failed", e.message
@@ -188,6 +189,13 @@ class BoxSession:
         after = boot.identify(machine.remote())
         record.after = after.to_json()
         problems = boot.prove(subject.kernel, before, after)
+        if problems and before and after.proc_version == before.proc_version:
+            # It rebooted, but into the kernel it ran before: the new one did not come up (a
+            # panic with panic=N, a watchdog, GRUB's fallback to the saved entry).
+            record.verdict = "boot failed"
+            record.reason = f"the box came back on its previous kernel: {after.proc_version}"
+            record.console_tail = last_lines(machine.console_since(mark))
+            return
         if problems:
             record.verdict, record.reason = "wrong kernel", "; ".join(problems)
             return
@@ -241,6 +249,17 @@ class BoxSession:
         record.files["dmesg"] = str(directory / "dmesg.txt")
         record.splats = scan_dmesg(dmesg, self.dmesg_ignore)
         record.conclude()
+
+    def _clean_up(self, record: Run) -> None:
+        """Remove what the boot method installed on the box (grub-reboot: the kernel and its
+        menu entry), on whichever kernel the box now runs; a failure is reported, not raised."""
+        if record.verdict == "unreachable" or record.recovery.startswith("FAILED"):
+            return
+        try:
+            record.timings.update(self.method.cleanup(self.machine, self.log))
+        except ToolkitError as e:
+            self.log(f"cleanup failed: {e}")
+            record.recovery = "; ".join(filter(None, [record.recovery, f"cleanup failed: {e}"]))
 
     def _recover(self) -> str:
         try:
