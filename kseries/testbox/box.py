@@ -30,6 +30,7 @@ from kseries.config import (
 )
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
+from kseries.testbox import lava
 
 FILE = "testboxes.toml"
 METHODS = ("kexec", "grub-reboot", "qemu")
@@ -62,8 +63,11 @@ BOX = Keys(
         "qemu": QEMU,
         "description": STRING,
         "vars": STRING_TABLE,
+        "kind": STRING,
+        "lava": lava.LAVA,
     }
 )
+KINDS = ("ssh", "lava")
 SETTINGS = Keys(
     {"default": STRING, "dmesg_ignore": STRINGS, "trace": STRING_TABLE, "keep_warm": BOOLEAN}
 )
@@ -114,6 +118,7 @@ class Box:
     vars: dict[str, str] = field(default_factory=dict)  # fills {NAME}s in the tests' args
     qemu: QemuSettings | None = None
     description: str = ""
+    lava: lava.LavaSettings | None = None  # kind "lava": a LAVA lab runs the kernel, not SSH
 
     @property
     def is_local_qemu(self) -> bool:
@@ -142,6 +147,13 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
     names the table in errors (a bare label for a table that is not from a file)."""
     where = Where(where) if isinstance(where, str) else where
     where.check(BOX, table)
+    kind = table.get("kind", "lava" if "lava" in table else "ssh")
+    if kind not in KINDS:
+        raise where.error(
+            "kind", f"kind {kind!r} is not one of {', '.join(KINDS)}", 'kind = "lava"'
+        )
+    if kind == "lava":
+        return _lava_box(name, table, directory, where)
     qemu_table = table.get("qemu")
     method = table.get("method", "qemu" if qemu_table is not None else "")
     if method not in METHODS:
@@ -195,6 +207,33 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
         qemu=qemu,
         description=table.get("description", ""),
     )
+
+
+def _lava_box(name: str, table: dict[str, Any], directory: Path, where: Where) -> Box:
+    """A [box.NAME] of kind lava: the lab boots the kernel; SSH and QEMU keys make no sense."""
+    foreign = [k for k in table if k not in LAVA_BOX_KEYS]
+    if foreign:
+        raise where.error(
+            foreign[0],
+            f"{foreign[0]} is not a setting of a lava box",
+            f"a lava box has {', '.join(LAVA_BOX_KEYS)}",
+        )
+    if "lava" not in table:
+        raise where.error("lava", "a lava box needs a lava table", 'add lava = { url = "..." }')
+    timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
+    return Box(
+        name=name,
+        method="lava",
+        cmdline=table.get("cmdline", ""),
+        timeouts=timeouts,
+        env=dict(table.get("env", {})),
+        vars=dict(table.get("vars", {})),
+        description=table.get("description", ""),
+        lava=lava.parse(table["lava"], directory, where.table("lava")),
+    )
+
+
+LAVA_BOX_KEYS = ("kind", "description", "cmdline", "timeouts", "env", "vars", "lava")
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,11 @@ from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import boot, kernel, suite
 from kseries.testbox.box import Box, TestboxConfig
+from kseries.testbox.lavajob import LavaSession, cancel_all
 from kseries.testbox.machine import Machine, last_lines, write_console
 from kseries.testbox.qemu import QemuBox
 from kseries.testbox.report import Run
-from kseries.testbox.runner import collect_dmesg, run_tests, scan_dmesg
+from kseries.testbox.runner import collect_dmesg, run_tests, save_outputs, scan_dmesg
 from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
 from kseries.testbox.trace import FaultTrace, Trace
 
@@ -217,14 +218,7 @@ class BoxSession:
         if any(r.status == "timeout" for r in record.tests):
             # what the box's console said while the test hung (watchdog dumps, lockups)
             record.console_tail = last_lines(machine.console_since(mark))
-        tests_dir = directory / "tests"
-        tests_dir.mkdir(exist_ok=True)
-        for result in record.tests:
-            (tests_dir / f"{result.name}.out").write_text(
-                f"# {result.status} exit={result.exit_status} {result.duration:.2f}s "
-                f"{result.reason}\n{result.stdout}"
-                + (f"\n# --- stderr ---\n{result.stderr}" if result.stderr else "")
-            )
+        save_outputs(directory / "tests", record.tests)
         try:
             dmesg = collect_dmesg(machine.remote())
         except Unreachable:
@@ -385,20 +379,30 @@ def test_remote(
                 log(message)
 
         def one_box(box: Box) -> list[Run]:
-            session = BoxSession(
-                box,
-                trust_new_host=trust_new_host,
-                dmesg_ignore=ignore,
-                tracer=tracer,
-                log=locked_log,
-            )
+            session: BoxSession | LavaSession
+            if box.lava is not None:
+                session = LavaSession(box, dmesg_ignore=ignore, log=locked_log)
+            else:
+                session = BoxSession(
+                    box,
+                    trust_new_host=trust_new_host,
+                    dmesg_ignore=ignore,
+                    tracer=tracer,
+                    log=locked_log,
+                )
             return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
 
         if len(chosen) == 1:
             runs = one_box(chosen[0])
         else:
-            with ThreadPoolExecutor(max_workers=len(chosen)) as pool:
+            pool = ThreadPoolExecutor(max_workers=len(chosen))
+            try:
                 runs = [r for group in pool.map(one_box, chosen) for r in group]
+            except KeyboardInterrupt:
+                cancel_all(log)  # Ctrl-C reaches this thread only: cancel the LAVA jobs
+                raise
+            finally:
+                pool.shutdown()
         from kseries.testbox import report
 
         report.write(
