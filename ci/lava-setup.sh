@@ -72,11 +72,14 @@ install_packages() {
 choose_ports() { # keep the recorded ports while they are free (or ours); else pick new ones
     local name port
     [[ -f $DIR/ports.env ]] && source "$DIR/ports.env"
+    # The web port is the one configs/testboxes.toml's lab-qemu names, unless it is taken.
+    WEB_PORT=${KSERIES_LAVA_PORT:-8787}
     for name in PG_PORT WEB_PORT PUB_PORT EVENT_PORT; do
         port=${!name:-}
         if [[ -z $port ]] || ! port_free "$port"; then
             port=$(free_port)
             port_free "$port" || die "port $port on 127.0.0.1 is taken"
+            [[ $name == WEB_PORT ]] && say "port ${!name} is taken: the server gets $port (put url = \"http://127.0.0.1:$port\" under [box.lab-qemu.lava] in configs/local.toml)"
             printf -v "$name" %s "$port"
         fi
     done
