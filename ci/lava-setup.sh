@@ -209,27 +209,27 @@ start_services() {
         --log-file "$DIR/log/worker.log"
 }
 
-wait_ready() { # the REST API answers and the worker has pinged the device online
+wait_ready() { # the REST API answers and the worker has pinged the device healthy
     local url="http://127.0.0.1:$WEB_PORT/api/v0.2/devices/$DEVICE/" i
     for i in $(seq 1 120); do
         if $PY - "$url" "$DIR/token" <<'EOF' 2>/dev/null; then
 import json, sys, urllib.request
 request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Token " + open(sys.argv[2]).read().strip()})
 device = json.load(urllib.request.urlopen(request, timeout=5))
-sys.exit(device["state"] != "Idle" or device["health"] != "Good")
+sys.exit(device["health"] != "Good")  # Idle, or busy with someone's job
 EOF
             return 0
         fi
         for name in "${SERVICES[@]}"; do
             if ! alive "$name"; then
-                stop_services
-                die "$name died; see $DIR/log/$name.out and $DIR/log/$name.log"
+                echo "lava-setup: $name died; see $DIR/log/$name.out and $DIR/log/$name.log" >&2
+                return 1
             fi
         done
         sleep 1
     done
-    stop_services
-    die "the device $DEVICE is not idle after 120 s; see $DIR/log/"
+    echo "lava-setup: the device $DEVICE is not healthy after 120 s; see $DIR/log/" >&2
+    return 1
 }
 
 start() {
@@ -248,13 +248,17 @@ start() {
     else
         source "$DIR/ports.env"
     fi
-    trap 'stop_services' ERR # a failed start leaves nothing of it running
-    start_postgres
-    write_settings
-    set_up_lab
-    start_services
-    wait_ready
-    trap - ERR
+    if ((down)) || [[ ! -f $DIR/lava.env ]]; then
+        trap 'stop_services' ERR # a failed start leaves nothing of it running
+        start_postgres
+        write_settings
+        set_up_lab
+        start_services
+        trap - ERR
+        wait_ready || { stop_services && die "LAVA did not come up"; }
+    else
+        wait_ready || die "LAVA runs, but is not ready" # all up already: only look
+    fi
     cat >"$DIR/lava.env.new" <<EOF
 LAVA_URL=http://127.0.0.1:$WEB_PORT
 LAVA_TOKEN_FILE=$DIR/token
@@ -263,7 +267,7 @@ LAVA_DEVICE=$DEVICE
 LAVA_WORKER=$WORKER
 EOF
     mv "$DIR/lava.env.new" "$DIR/lava.env"
-    say "LAVA is up at http://127.0.0.1:$WEB_PORT (device $DEVICE idle) in $((SECONDS - started)) s; token in $DIR/token"
+    say "LAVA is up at http://127.0.0.1:$WEB_PORT (device $DEVICE healthy) in $((SECONDS - started)) s; token in $DIR/token"
 }
 
 stop_services() {
