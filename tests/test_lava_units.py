@@ -131,8 +131,9 @@ LOG = "\n".join(
         (
             20,
             "target",
-            "KSERIES-PROC-VERSION: Linux version 7.2.13+ (u@h) #1 SMP PREEMPT Thu Jan  1 00:00:00 UTC 2026",
-        ),  # noqa: E501
+            "KSERIES-PROC-VERSION: Linux version 7.2.13+ (u@h) "
+            "#1 SMP PREEMPT Thu Jan  1 00:00:00 UTC 2026",
+        ),
         (20, "target", "KSERIES-BOOT-ID: 1234abcd-0000"),
         (20, "target", "KSERIES-TEST-BEGIN smoke"),
         (21, "target", "KSERIES-OUT| hello"),
@@ -183,14 +184,18 @@ def test_a_panic_at_boot_is_boot_failed_and_a_lab_failure_is_not_a_test_result(
     assert record.verdict == "boot failed"
     assert record.reason == "kernel panic: Kernel panic - not syncing: No init"
     assert record.console_tail[-1].startswith("Kernel panic")
+    # as the results API gives them: suite is an id, metadata is YAML text
     results = [
         {
-            "suite": "lava",
+            "suite": 7,
             "name": "job",
             "result": "fail",
-            "metadata": "error_msg: no qemu\nerror_type: Infrastructure\n",
+            "metadata": "case: job\n"
+            "definition: lava\nerror_msg: no qemu\nerror_type: Infrastructure\nresult: fail\n",
         },
     ]
+    ours = {"suite": 8, "name": "job", "result": "fail", "metadata": "definition: 0_kseries\n"}
+    assert lavajob.infrastructure_error([ours]) == ""
     infra = lavajob.infrastructure_error(results)
     assert infra == "Infrastructure: no qemu"
     record = Run("lab", "kernel", k.to_json())

@@ -160,13 +160,13 @@ def infrastructure_error(results: Sequence[dict[str, Any]]) -> str:
     """LAVA's own verdict on the job ("lava" suite, case "job"): the error message when it
     says the lab failed (Infrastructure, Bug, Configuration), not the kernel or a test."""
     for case in results:
-        if case.get("suite") != "lava" and case.get("suite_name") != "lava":
-            continue
         if case.get("name") != "job" or case.get("result") != "fail":
             continue
         meta = case.get("metadata") or {}
         if isinstance(meta, str):
             meta = _metadata(meta)
+        if meta.get("definition") != "lava":  # a test case of ours that happens to be "job"
+            continue
         if meta.get("error_type") in ("Infrastructure", "Bug", "Configuration"):
             return f"{meta.get('error_type')}: {meta.get('error_msg', '')}".strip()
     return ""
