@@ -372,8 +372,11 @@ class LavaSession:
                     return job
                 time.sleep(self.settings.poll)
         except KeyboardInterrupt:
-            self.client.cancel(job_id)
-            self.log(f"{label}: interrupted: canceled job {job_id}")
+            try:
+                self.client.cancel(job_id)
+                self.log(f"{label}: interrupted: canceled job {job_id}")
+            except ToolkitError as e:  # the interrupt still wins: it is what the user asked
+                self.log(f"{label}: interrupted; canceling job {job_id} failed: {e}")
             raise
         finally:
             with _ACTIVE_LOCK:
