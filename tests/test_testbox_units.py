@@ -314,7 +314,7 @@ def test_report_json_junit_and_table(tmp_path: Path) -> None:
     assert (base.verdict, series.verdict) == ("fail", "fail")
     assert not report.overall(runs)
     assert report.overall(
-        [base, report.Run("local", "kernel", {}, verdict="pass")], {"must_pass": "kernel"}
+        [base, report.Run("local", "kernel", {}, verdict="pass")], reference_may_fail=True
     )
     json_path, junit_path = report.write(tmp_path, runs, {"kernel": {}})
     data = json.loads(json_path.read_text())
@@ -461,3 +461,33 @@ def test_a_reference_column_is_named_after_its_build(tmp_path: Path) -> None:
     assert session._ref_name(str(boot / "manifest.json")) == "mst-base"
     assert session._ref_name(str(tmp_path / "kernels" / "bzImage")) == "kernels"
     assert session._ref_name("kvm-x86/next") == "kvm-x86/next"
+
+
+def test_group_runs_boxes_side_by_side_and_keeps_each_outcome() -> None:
+    """Fabric's GroupResult shape: every box runs to its end, and one box's exception is that
+    box's result, raised only once all have ended."""
+    import threading
+    from types import SimpleNamespace
+
+    from kseries.errors import ToolkitError
+    from kseries.testbox.group import Group
+
+    boxes = [SimpleNamespace(name=n) for n in ("a", "b", "c")]
+    together = threading.Barrier(3, timeout=10)  # only passes if all three run at once
+    ended: list[str] = []
+
+    def work(box: SimpleNamespace) -> str:
+        together.wait()
+        ended.append(box.name)
+        if box.name == "b":
+            raise ToolkitError("b is down")
+        return box.name.upper()
+
+    result = Group(boxes).run(work)  # type: ignore[arg-type]
+    assert list(result) == ["a", "b", "c"]
+    assert result.succeeded == {"a": "A", "c": "C"}
+    assert str(result.failed["b"]) == "b is down"
+    assert sorted(ended) == ["a", "b", "c"]
+    with pytest.raises(ToolkitError, match="b is down"):
+        result.values_or_raise()
+    assert Group(boxes[:1]).run(lambda box: 1).values_or_raise() == [1]  # type: ignore[arg-type]

@@ -87,14 +87,16 @@ def remote_path(workdir: str, built: Built) -> str:
     return f"{workdir}/tests/{built.spec.name}-{built.sha256[:12]}"
 
 
-def upload_tests(remote: Remote, workdir: str, tests: Sequence[Built], log: Log) -> dict[str, str]:
-    """Upload the programs the box does not already hold (same sha256); name -> path or
-    an error message prefixed with "!"."""
+def upload_tests(
+    remote: Remote, workdir: str, tests: Sequence[Built], log: Log
+) -> dict[str, str | UploadError]:
+    """Upload the programs the box does not already hold (same sha256); name -> path on the
+    box, or the upload's error, which fails that test alone."""
     wanted = {b.spec.name: remote_path(workdir, b) for b in tests if b.data is not None}
     if not wanted:
         return {}
     present = remote.sha256(*wanted.values())
-    placed: dict[str, str] = {}
+    placed: dict[str, str | UploadError] = {}
     for built in tests:
         if built.data is None:
             continue
@@ -107,7 +109,7 @@ def upload_tests(remote: Remote, workdir: str, tests: Sequence[Built], log: Log)
             placed[built.spec.name] = path
             log(f"tests: uploaded {built.spec.name} ({len(built.data) >> 10} KiB), sha256 verified")
         except UploadError as e:
-            placed[built.spec.name] = "!" + e.message
+            placed[built.spec.name] = e
     return placed
 
 
@@ -171,8 +173,8 @@ def run_tests(
             results.append(TestResult(spec.name, "error", reason=built.error))
             continue
         path = placed.get(spec.name, "")
-        if path.startswith("!"):
-            results.append(TestResult(spec.name, "error", reason=path[1:]))
+        if isinstance(path, UploadError):
+            results.append(TestResult(spec.name, "error", reason=path.message))
             continue
         try:
             argv = spec.argv(box_vars, where)

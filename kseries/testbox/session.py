@@ -24,7 +24,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,10 +36,11 @@ from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import boot, kernel, suite
 from kseries.testbox.box import Box, TestboxConfig
+from kseries.testbox.group import Group
 from kseries.testbox.lavajob import LavaSession, cancel_all
 from kseries.testbox.machine import Machine, last_lines, write_console
 from kseries.testbox.qemu import QemuBox
-from kseries.testbox.report import Run
+from kseries.testbox.report import UNDER_TEST, Run
 from kseries.testbox.runner import collect_dmesg, run_tests, save_outputs, scan_dmesg
 from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
 from kseries.testbox.trace import FaultTrace, Trace
@@ -341,7 +341,7 @@ def test_remote(
         known = suite.load_tests(settings)
         specs = suite.soak(suite.select(known, tests), cycles, duration, known)
         under_test = kernel.load(kernel_spec)
-        label = "kernel"
+        label = UNDER_TEST
         subjects = [Subject(label, under_test)]
         if compare:
             ref = reference(compare, under_test, config, log)
@@ -392,17 +392,12 @@ def test_remote(
                 )
             return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
 
-        if len(chosen) == 1:
-            runs = one_box(chosen[0])
-        else:
-            pool = ThreadPoolExecutor(max_workers=len(chosen))
-            try:
-                runs = [r for group in pool.map(one_box, chosen) for r in group]
-            except KeyboardInterrupt:
-                cancel_all(log)  # Ctrl-C reaches this thread only: cancel the LAVA jobs
-                raise
-            finally:
-                pool.shutdown()
+        try:
+            results = Group(chosen).run(one_box)
+        except KeyboardInterrupt:
+            cancel_all(log)  # Ctrl-C reaches this thread only: cancel the other boxes' LAVA jobs
+            raise
+        runs = [r for box_runs in results.values_or_raise() for r in box_runs]
         from kseries.testbox import report
 
         report.write(
