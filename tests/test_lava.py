@@ -7,7 +7,8 @@ module started it). Nothing is mocked.
 - a kernel that panics at boot: "boot failed" with the panic lines;
 - a server that is down: "unreachable"; a token the server refuses: "error", and the token is
   in no file the run wrote;
-- no device of the type online: "error", naming the devices it saw.
+- no device of the type online: "error", naming the devices it saw;
+- Ctrl-C on `invoke test-remote` cancels the job it follows.
 
 Cold: about 3 minutes of LAVA setup, the series and base kernels (shared with
 tests/test_vfio_bar_race.py's builds), then 20-60 s per LAVA job under TCG.
@@ -16,7 +17,9 @@ tests/test_vfio_bar_race.py's builds), then 20-60 s per LAVA job under TCG.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -31,7 +34,9 @@ from kseries.config import Config
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import local, report, session
 from kseries.testbox.box import TestboxConfig
+from kseries.testbox.lava import Client
 from kseries.testbox.report import Run
+from tests.conftest import INVOKE
 
 pytestmark = pytest.mark.slow
 
@@ -210,3 +215,32 @@ def test_no_device_online_names_what_the_lab_has(lab: Lab, kernel_a: Path, tmp_p
     )
     assert run.verdict == "error"
     assert run.reason.startswith("no qemu with tags no-such-board device online"), run.reason
+
+
+def test_ctrl_c_cancels_the_job(lab: Lab, kernel_a: Path, tmp_path: Path) -> None:
+    """SIGINT, as a terminal's Ctrl-C sends it, once the job runs: the job ends Canceled."""
+    env = {**os.environ, "KSERIES_CONFIG_DIR": str(lab.config.directory)}
+    command = [INVOKE, "-r", str(PROJECT), "test-remote", "--box", "lab-qemu"]
+    command += ["--kernel", str(kernel_a), "--tests", "smoke", "--out", str(tmp_path / "out")]
+    child = subprocess.Popen(
+        command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    job_id, lines = 0, []
+    for line in child.stdout:
+        lines.append(line)
+        found = re.search(r"job (\d+) submitted", line)
+        job_id = int(found.group(1)) if found else job_id
+        if job_id and f"job {job_id}: Running" in line:
+            child.send_signal(signal.SIGINT)
+            break
+    rest = child.communicate(timeout=120)[0]
+    print("".join(lines) + rest)
+    assert child.returncode != 0 and f"interrupted: canceled job {job_id}" in rest
+    client = Client(TestboxConfig.load(lab.config).box("lab-qemu").lava)  # type: ignore[arg-type]
+    for _ in range(60):
+        job = client.job(job_id)
+        if job["state"] == "Finished":
+            break
+        time.sleep(1)
+    assert (job["state"], job["health"]) == ("Finished", "Canceled")
