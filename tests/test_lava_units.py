@@ -20,6 +20,7 @@ from kseries.testbox.box import TestboxConfig, parse_box
 from kseries.testbox.lava import TokenRefused
 from kseries.testbox.report import Run
 
+NONE = ("", "")  # LAVA recorded no error for the job
 LAVA = {
     "url": "http://127.0.0.1:8787/",
     "device_type": "qemu",
@@ -158,7 +159,7 @@ def test_the_log_is_read_back_into_the_same_run(tmp_path: Path) -> None:
     record = Run("lab", "kernel", k.to_json())
     spec = suite.TestSpec(name="smoke", command="true", timeout=30)
     job = {"id": 7, "health": "Complete"}
-    session._judge(record, k, [suite.Built(spec)], {}, parsed, job, "", tmp_path)
+    session._judge(record, k, [suite.Built(spec)], {}, parsed, job, ("", ""), tmp_path)
     assert record.after == {"proc_version": parsed.proc_version, "boot_id": "1234abcd-0000"}
     (smoke,) = record.tests
     assert (smoke.status, smoke.exit_status, smoke.stderr) == ("fail", 1, "oops on stderr")
@@ -180,7 +181,7 @@ def test_a_panic_at_boot_is_boot_failed_and_a_lab_failure_is_not_a_test_result(
         )
     )
     record = Run("lab", "kernel", k.to_json())
-    session._judge(record, k, [], {}, panic, {"id": 1, "health": "Incomplete"}, "", tmp_path)
+    session._judge(record, k, [], {}, panic, {"id": 1, "health": "Incomplete"}, NONE, tmp_path)
     assert record.verdict == "boot failed"
     assert record.reason == "kernel panic: Kernel panic - not syncing: No init"
     assert record.console_tail[-1].startswith("Kernel panic")
@@ -195,13 +196,23 @@ def test_a_panic_at_boot_is_boot_failed_and_a_lab_failure_is_not_a_test_result(
         },
     ]
     ours = {"suite": 8, "name": "job", "result": "fail", "metadata": "definition: 0_kseries\n"}
-    assert lavajob.infrastructure_error([ours]) == ""
-    infra = lavajob.infrastructure_error(results)
-    assert infra == "Infrastructure: no qemu"
+    assert lavajob.lava_error([ours]) == ("", "")
+    infra = lavajob.lava_error(results)
+    assert infra == ("Infrastructure", "no qemu")
     record = Run("lab", "kernel", k.to_json())
     empty = lavajob.parse_log("")
     session._judge(record, k, [], {}, empty, {"id": 2, "health": "Incomplete"}, infra, tmp_path)
     assert record.verdict == "infra error" and "not a test result" in record.reason
+    # a missing artifact, as LAVA 2023.01 words it: the job, not the kernel and not the lab
+    missing = "case: job\ndefinition: lava\nerror_msg: 'Invalid job data: [\"Image file ''/a/b''\n  does not exist or is not readable\"]\n\n  '\nerror_type: Job\nresult: fail\n"  # noqa: E501
+    refused = lavajob.lava_error([{"name": "job", "result": "fail", "metadata": missing}])
+    assert refused == (
+        "Job",
+        "Invalid job data: [\"Image file '/a/b' does not exist or is not readable\"]",
+    )
+    record = Run("lab", "kernel", k.to_json())
+    session._judge(record, k, [], {}, empty, {"id": 3, "health": "Incomplete"}, refused, tmp_path)
+    assert record.verdict == "error" and record.reason.startswith("LAVA refused the job: job 3")
 
 
 def test_the_box_ramdisk_has_a_console_shell_for_lava() -> None:

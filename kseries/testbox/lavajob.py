@@ -156,9 +156,12 @@ def _seconds(dt: str) -> float | None:
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-def infrastructure_error(results: Sequence[dict[str, Any]]) -> str:
-    """LAVA's own verdict on the job ("lava" suite, case "job"): the error message when it
-    says the lab failed (Infrastructure, Bug, Configuration), not the kernel or a test."""
+INFRASTRUCTURE = ("Infrastructure", "Bug", "Configuration")  # the lab failed, not the kernel
+
+
+def lava_error(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """LAVA's own verdict on a failed job (case "job" of its "lava" definition): the error
+    type (Infrastructure, Job, LAVATimeout, ...) and message; empty when it recorded none."""
     for case in results:
         if case.get("name") != "job" or case.get("result") != "fail":
             continue
@@ -167,18 +170,28 @@ def infrastructure_error(results: Sequence[dict[str, Any]]) -> str:
             meta = _metadata(meta)
         if meta.get("definition") != "lava":  # a test case of ours that happens to be "job"
             continue
-        if meta.get("error_type") in ("Infrastructure", "Bug", "Configuration"):
-            return f"{meta.get('error_type')}: {meta.get('error_msg', '')}".strip()
-    return ""
+        return meta.get("error_type", ""), meta.get("error_msg", "")
+    return "", ""
 
 
 def _metadata(text: str) -> dict[str, str]:
-    """The results API gives a case's metadata as YAML text: read its `key: value` lines."""
-    out = {}
+    """The results API gives a case's metadata as YAML text: its `key: value` lines, a value
+    folded over indented lines joined again, YAML's quotes taken off."""
+    out: dict[str, str] = {}
+    key = ""
     for line in text.splitlines():
+        if key and (line.startswith(" ") or not line.strip()):
+            out[key] += " " + line.strip()
+            continue
         key, sep, value = line.partition(":")
         if sep:
-            out[key.strip()] = value.strip().strip("'\"")
+            out[key.strip()] = value.strip()
+        key = key.strip() if sep else ""
+    for name, value in out.items():
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1].replace("''", "'") if value[0] == "'" else value[1:-1]
+        out[name] = value.strip()
     return out
 
 
@@ -305,8 +318,8 @@ class LavaSession:
         (directory / "console.log").write_text("\n".join(parsed.console) + "\n")
         record.files["console"] = str(directory / "console.log")
         record.files["lava_log"] = str(directory / "lava-log.yaml")
-        infra = "" if job.get("health") == "Complete" else self._infra(job_id)
-        self._judge(record, kernel, tests, early, parsed, job, infra, directory)
+        error = ("", "") if job.get("health") == "Complete" else self._lava_error(job_id)
+        self._judge(record, kernel, tests, early, parsed, job, error, directory)
 
     def _script(self, tests: Sequence[suite.Built]) -> tuple[bytes, dict[str, TestResult]]:
         """The tests tar (run.sh + programs); tests that cannot run are judged already."""
@@ -382,11 +395,11 @@ class LavaSession:
             with _ACTIVE_LOCK:
                 _ACTIVE.pop(job_id, None)
 
-    def _infra(self, job_id: int) -> str:
+    def _lava_error(self, job_id: int) -> tuple[str, str]:
         try:
-            return infrastructure_error(self.client.results(job_id))
+            return lava_error(self.client.results(job_id))
         except LavaError:
-            return ""
+            return "", ""
 
     def _judge(
         self,
@@ -396,7 +409,7 @@ class LavaSession:
         early: dict[str, TestResult],
         parsed: Parsed,
         job: dict[str, Any],
-        infra: str,
+        error: tuple[str, str],
         directory: Path,
     ) -> None:
         times = parsed.times
@@ -404,9 +417,8 @@ class LavaSession:
             record.timings["boot"] = times["identity"] - times.get("boot_start", 0.0)
         panic = [i for i, line in enumerate(parsed.console) if PANIC.search(line)]
         health = job.get("health", "?")
-        ended = f"job {job.get('id')} {health}" + (
-            f": {job['failure_comment']}" if job.get("failure_comment") else ""
-        )
+        kind, message = error
+        ended = f"job {job.get('id')} {health}" + (f": {kind}: {message}" if kind else "")
         if panic and not parsed.proc_version:
             first = panic[0]
             record.verdict = "boot failed"
@@ -414,9 +426,11 @@ class LavaSession:
             record.console_tail = last_lines("\n".join(parsed.console[: first + 1]), 25)
             return
         if not parsed.proc_version:
-            if infra:
+            if kind in INFRASTRUCTURE:
                 record.verdict = "infra error"
-                record.reason = f"LAVA infrastructure error, not a test result: {infra}"
+                record.reason = f"LAVA infrastructure error, not a test result: {ended}"
+            elif kind == "Job":  # LAVA refused what it was given (an artifact, the job)
+                record.verdict, record.reason = "error", f"LAVA refused the job: {ended}"
             elif health == "Canceled":
                 record.verdict, record.reason = "error", f"{ended} (canceled)"
             else:
@@ -448,8 +462,8 @@ class LavaSession:
             record.reason = f"kernel panic during the tests: {parsed.console[panic[0]].strip()}"
             record.console_tail = last_lines("\n".join(parsed.console[: panic[0] + 1]), 25)
         elif not parsed.dmesg:
-            record.verdict = "infra error" if infra else "error"
-            record.reason = f"the test shell did not finish: {infra or ended}"
+            record.verdict = "infra error" if kind in INFRASTRUCTURE else "error"
+            record.reason = f"the test shell did not finish: {ended}"
             record.console_tail = last_lines("\n".join(parsed.console), 25)
 
     def _result(
