@@ -216,7 +216,9 @@ wait_ready() { # the REST API answers and the worker has pinged the device healt
 import json, sys, urllib.request
 request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Token " + open(sys.argv[2]).read().strip()})
 device = json.load(urllib.request.urlopen(request, timeout=5))
-sys.exit(device["health"] != "Good")  # Idle, or busy with someone's job
+# Idle or busy with someone's job; Unknown is what an incomplete job leaves, and LAVA still
+# schedules on it (this lab has no health check to turn it Good again)
+sys.exit(device["health"] not in ("Good", "Unknown"))
 EOF
             return 0
         fi
