@@ -30,6 +30,7 @@ from kseries.config import (
 )
 from kseries.errors import ToolkitError
 from kseries.paths import cache_dir
+from kseries.testbox import lava
 
 FILE = "testboxes.toml"
 KVM_MODULES = ("kvm", "kvm_amd", "kvm_intel")
@@ -65,8 +66,11 @@ BOX = Keys(
         "description": STRING,
         "vars": STRING_TABLE,
         "kvm_params": STRING_TABLE,
+        "kind": STRING,
+        "lava": lava.LAVA,
     }
 )
+KINDS = ("ssh", "lava")
 SETTINGS = Keys(
     {"default": STRING, "dmesg_ignore": STRINGS, "trace": STRING_TABLE, "keep_warm": BOOLEAN}
 )
@@ -122,6 +126,7 @@ class Box:
     # MMU the guest's KVM runs is a fact of the box. KVM is built in (kvm-testbox.config), so
     # they apply at boot; the run reads back what the box really shows (kseries/testbox/mmu.py).
     kvm_params: dict[str, str] = field(default_factory=dict)
+    lava: lava.LavaSettings | None = None  # kind "lava": a LAVA lab runs the kernel, not SSH
 
     @property
     def kvm_claims(self) -> dict[str, str]:
@@ -167,6 +172,13 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
     names the table in errors (a bare label for a table that is not from a file)."""
     where = Where(where) if isinstance(where, str) else where
     where.check(BOX, table)
+    kind = table.get("kind", "lava" if "lava" in table else "ssh")
+    if kind not in KINDS:
+        raise where.error(
+            "kind", f"kind {kind!r} is not one of {', '.join(KINDS)}", 'kind = "lava"'
+        )
+    if kind == "lava":
+        return _lava_box(name, table, directory, where)
     qemu_table = table.get("qemu")
     method = table.get("method", "qemu" if qemu_table is not None else "")
     if method not in METHODS:
@@ -256,6 +268,33 @@ def _check_kvm_params(table: dict[str, Any], method: str, where: Where) -> None:
             "grub-reboot boots the box's own",
             'put them in the box\'s GRUB_CMDLINE_LINUX, or use method = "kexec"',
         )
+
+
+def _lava_box(name: str, table: dict[str, Any], directory: Path, where: Where) -> Box:
+    """A [box.NAME] of kind lava: the lab boots the kernel; SSH and QEMU keys make no sense."""
+    foreign = [k for k in table if k not in LAVA_BOX_KEYS]
+    if foreign:
+        raise where.error(
+            foreign[0],
+            f"{foreign[0]} is not a setting of a lava box",
+            f"a lava box has {', '.join(LAVA_BOX_KEYS)}",
+        )
+    if "lava" not in table:
+        raise where.error("lava", "a lava box needs a lava table", 'add lava = { url = "..." }')
+    timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
+    return Box(
+        name=name,
+        method="lava",
+        cmdline=table.get("cmdline", ""),
+        timeouts=timeouts,
+        env=dict(table.get("env", {})),
+        vars=dict(table.get("vars", {})),
+        description=table.get("description", ""),
+        lava=lava.parse(table["lava"], directory, where.table("lava")),
+    )
+
+
+LAVA_BOX_KEYS = ("kind", "description", "cmdline", "timeouts", "env", "vars", "lava")
 
 
 @dataclass(frozen=True)

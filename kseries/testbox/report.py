@@ -7,7 +7,8 @@ A run's verdict is one of:
   fail          a test failed or timed out, or dmesg has a splat;
   wrong kernel  the box answered but is not running this build (tests were not run);
   boot failed   the box did not come back on the new kernel (it was brought back);
-  unreachable   the box did not answer before the boot;
+  unreachable   the box did not answer before the boot (a lava box: the server did not);
+  infra error   the LAVA lab failed the job itself (not a test result);
   error         something else stopped the run (an upload, a build of a test, ...).
 """
 
@@ -38,6 +39,7 @@ STYLE = {
     "wrong kernel": "bold red",
     "boot failed": "bold red",
     "unreachable": "bold red",
+    "infra error": "bold magenta",
 }
 
 
@@ -121,7 +123,7 @@ def table(runs: Sequence[Run]) -> Table:
 
     boot_row = []
     for run in runs:
-        if run.verdict in ("boot failed", "wrong kernel", "unreachable"):
+        if run.verdict in ("boot failed", "wrong kernel", "unreachable", "infra error"):
             boot_row.append(cell(run.verdict))
         elif run.after:
             boot_row.append(cell("pass", f" {run.timings.get('boot', 0):.1f}s"))

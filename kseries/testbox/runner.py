@@ -20,6 +20,7 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kseries.errors import ToolkitError
 from kseries.testbox.ssh import CommandTimeout, ConnectionLost, Remote, UploadError
@@ -258,6 +259,17 @@ def judge(
 def _last_line(text: str) -> str:
     lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
     return lines[-1][:200] if lines else ""
+
+
+def save_outputs(directory: Path, results: Sequence[TestResult]) -> None:
+    """One file per test: a header line (status, exit, time, reason), stdout, then stderr."""
+    directory.mkdir(exist_ok=True)
+    for result in results:
+        (directory / f"{result.name}.out").write_text(
+            f"# {result.status} exit={result.exit_status} {result.duration:.2f}s "
+            f"{result.reason}\n{result.stdout}"
+            + (f"\n# --- stderr ---\n{result.stderr}" if result.stderr else "")
+        )
 
 
 def collect_dmesg(remote: Remote, timeout: float = 60) -> str:

@@ -39,10 +39,11 @@ from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import boot, kernel, mmu, suite
 from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.group import Group
+from kseries.testbox.lavajob import LavaSession, cancel_all
 from kseries.testbox.machine import Machine, last_lines, write_console
 from kseries.testbox.qemu import QemuBox
 from kseries.testbox.report import UNDER_TEST, Run
-from kseries.testbox.runner import collect_dmesg, run_tests, scan_dmesg
+from kseries.testbox.runner import collect_dmesg, run_tests, save_outputs, scan_dmesg
 from kseries.testbox.ssh import HostKeyError, Unreachable, UploadError
 from kseries.testbox.trace import FaultTrace, Trace
 
@@ -230,14 +231,7 @@ class BoxSession:
         if any(r.status == "timeout" for r in record.tests):
             # what the box's console said while the test hung (watchdog dumps, lockups)
             record.console_tail = last_lines(machine.console_since(mark))
-        tests_dir = directory / "tests"
-        tests_dir.mkdir(exist_ok=True)
-        for result in record.tests:
-            (tests_dir / f"{result.name}.out").write_text(
-                f"# {result.status} exit={result.exit_status} {result.duration:.2f}s "
-                f"{result.reason}\n{result.stdout}"
-                + (f"\n# --- stderr ---\n{result.stderr}" if result.stderr else "")
-            )
+        save_outputs(directory / "tests", record.tests)
         try:
             dmesg = collect_dmesg(machine.remote())
         except Unreachable:
@@ -409,16 +403,25 @@ def test_remote(
                 log(message)
 
         def one_box(box: Box) -> list[Run]:
-            session = BoxSession(
-                box,
-                trust_new_host=trust_new_host,
-                dmesg_ignore=ignore,
-                tracer=tracer,
-                log=locked_log,
-            )
+            session: BoxSession | LavaSession
+            if box.lava is not None:
+                session = LavaSession(box, dmesg_ignore=ignore, log=locked_log)
+            else:
+                session = BoxSession(
+                    box,
+                    trust_new_host=trust_new_host,
+                    dmesg_ignore=ignore,
+                    tracer=tracer,
+                    log=locked_log,
+                )
             return [session.run(s, built, directory / box.name / _safe(s.label)) for s in subjects]
 
-        runs = [r for box_runs in Group(chosen).run(one_box).values_or_raise() for r in box_runs]
+        try:
+            results = Group(chosen).run(one_box)
+        except KeyboardInterrupt:
+            cancel_all(log)  # Ctrl-C reaches this thread only: cancel the other boxes' LAVA jobs
+            raise
+        runs = [r for box_runs in results.values_or_raise() for r in box_runs]
         from kseries.testbox import report
 
         written, _ = report.write(
