@@ -48,6 +48,7 @@ class Box:
     params: dict[str, Any]
     label: str  # how a result names it: its MMU, unless that is unknown or not unique
     qemu: bool  # a local QEMU box (the KVM under test ran nested), not a machine of its own
+    intel: bool  # its KVM ran on kvm_intel (VMX, EPT)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _evidence(
         outcomes=tuple(_outcomes(report, runs, boxes, bool(base))),
         soaks=tuple(_soaks(report.get("soak_report") or {})),
         gates=tuple(gates),
-        intel=any(b.params.get("kvm_intel.ept") not in (None, "") for b in boxes),
+        intel=any(b.intel for b in boxes),
         real_hardware=any(not b.qemu for b in boxes),
         failures=tuple(failures),
         warnings=tuple(warnings),
@@ -241,8 +242,13 @@ def _boxes(names: list[str], runs: list[dict[str, Any]], local_qemu: set[str]) -
     for name in names:
         kvm = _kvm(runs, name)
         mmu = str(kvm.get("mmu") or "") or _program_mmu(runs, name)
-        found.append((name, str(kvm.get("cpu") or ""), mmu, dict(kvm.get("params") or {})))
-    mmus = [mmu for _, _, mmu, _ in found]
+        params = dict(kvm.get("params") or {})
+        # Both vendor modules may be built in, so kvm_intel's ept is in sysfs on an AMD CPU
+        # too; "npt" is set exactly when kvm_amd is the vendor module that ran
+        # (kseries/testbox/mmu.py), so an MMU read with no npt came from kvm_intel.
+        intel = mmu != UNKNOWN and kvm.get("npt") is None and "kvm_intel.ept" in params
+        found.append((name, str(kvm.get("cpu") or ""), mmu, params, intel))
+    mmus = [mmu for _, _, mmu, _, _ in found]
     return [
         Box(
             name,
@@ -251,8 +257,9 @@ def _boxes(names: list[str], runs: list[dict[str, Any]], local_qemu: set[str]) -
             params,
             mmu if mmu != UNKNOWN and mmus.count(mmu) == 1 else name,
             name in local_qemu,
+            intel,
         )
-        for name, cpu, mmu, params in found
+        for name, cpu, mmu, params, intel in found
     ]
 
 
