@@ -218,3 +218,15 @@ def test_a_panic_at_boot_is_boot_failed_and_a_lab_failure_is_not_a_test_result(
 def test_the_box_ramdisk_has_a_console_shell_for_lava() -> None:
     assert lavajob.INITTAB.startswith("::sysinit:/etc/rc\n")
     assert f"PS1={lavajob.PROMPT}" in lavajob.INITTAB and "dropbear" not in lavajob.INITTAB
+
+
+def test_trace_on_a_lava_box_is_refused_before_any_build(tmp_path: Path) -> None:
+    """--trace needs tracefs over SSH; a LAVA column without its counts would read as traced."""
+    from kseries.config import Config
+    from kseries.testbox import session
+
+    with pytest.raises(ToolkitError, match="--trace: lab-qemu is a LAVA lab box"):
+        session.test_remote(
+            Config.load(), boxes=["lab-qemu"], trace=True, out=str(tmp_path / "o"), log=print
+        )
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

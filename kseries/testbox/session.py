@@ -358,6 +358,12 @@ def test_remote(
     directory = output_dir(out)  # refused now, not after the builds, if it cannot be written
     settings = TestboxConfig.load(config)
     chosen = [settings.box(name) for name in (boxes or [""])]
+    labs = [box.name for box in chosen if box.lava]
+    if trace and labs:  # refused before any build, not silently dropped after
+        raise ToolkitError(
+            f"--trace: {labs[0]} is a LAVA lab box; the fault-path probes need an SSH session",
+            "drop --trace, or trace on an SSH or local box (e.g. --box local)",
+        )
     if keep_warm is None:
         keep_warm = settings.settings().get("keep_warm", False)
     with _stopping_what_it_starts(chosen, keep_warm, log):
