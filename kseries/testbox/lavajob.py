@@ -279,10 +279,8 @@ class LavaSession:
             record.verdict, record.reason = "error", str(e)
         finally:
             record.timings["total"] = time.monotonic() - started
-            (directory / "run.json").write_text(json.dumps(record.to_json(), indent=2) + "\n")
-        self.log(
-            f"{subject.label}: {record.verdict}" + (f": {record.reason}" if record.reason else "")
-        )
+            record.save(directory)
+        self.log(record.outcome)
         return record
 
     def _run(

@@ -80,6 +80,15 @@ class Run:
         else:
             self.verdict = "pass"
 
+    def save(self, directory: Path) -> None:
+        """run.json beside the run's other files, written however the run ended."""
+        (directory / "run.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @property
+    def outcome(self) -> str:
+        """The progress line a finished run prints: its label, verdict and reason."""
+        return f"{self.label}: {self.verdict}" + (f": {self.reason}" if self.reason else "")
+
     def to_json(self) -> dict[str, Any]:
         kvm = {"kvm": self.kvm.to_json()} if self.kvm else {}  # absent: never read
         return {

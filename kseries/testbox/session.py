@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import shutil
 import threading
 import time
@@ -138,10 +137,8 @@ class BoxSession:
             if console:
                 record.files["console"] = str(console)
             self.machine.disconnect()
-            (directory / "run.json").write_text(json.dumps(record.to_json(), indent=2) + "\n")
-        self.log(
-            f"{subject.label}: {record.verdict}" + (f": {record.reason}" if record.reason else "")
-        )
+            record.save(directory)
+        self.log(record.outcome)
         return record
 
     def _run(
