@@ -13,12 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_plus
 
 import jinja2
 
+from kseries import series as series_stage
 from kseries import style, trailers
+from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
+from kseries.review.data import DEFAULT_ARCHIVE
 from kseries.series import Patch, Series
 
 if TYPE_CHECKING:
@@ -50,11 +54,36 @@ class Edit:
     diff: str  # unified, from the rendered message to the branch's
 
 
-class Changelog:
-    """Renders every message of one series; one jinja2 environment, StrictUndefined."""
+@dataclass(frozen=True)
+class Companion:
+    """A series this one is half of, as the cover letter links it: its cover subject, and
+    its sent cover letter's link, or (not sent yet) a search of the archive for the subject."""
 
-    def __init__(self, series: Series) -> None:
+    subject: str
+    link: str
+    sent: bool
+
+    @classmethod
+    def of(cls, directory: Path) -> Companion:
+        config = Config.load(directory)
+        other = series_stage.load(config)
+        subject = Changelog(other, companions=False).cover_letter().subject
+        if other.sent:
+            return cls(subject, other.sent[-1].link, True)
+        archive = str(config.setting("review.archive", DEFAULT_ARCHIVE)).rstrip("/")
+        search = quote_plus('s:"' + subject + '"')
+        return cls(subject, f"{archive}/?q={search}", False)
+
+
+class Changelog:
+    """Renders every message of one series; one jinja2 environment, StrictUndefined.
+
+    `companions`: whether the cover letter names the companion series (false while one is
+    being rendered for another's cover letter, so two series naming each other terminate)."""
+
+    def __init__(self, series: Series, *, companions: bool = True) -> None:
         self.series = series
+        self.with_companions = companions
         self.env = jinja2.Environment(
             loader=_Loader(series.templates_dir),
             undefined=jinja2.StrictUndefined,
@@ -109,8 +138,11 @@ class Changelog:
         `evidence` (send's, from a test report) fills templates/cover-testing.j2; without it
         that section renders nothing."""
         subjects = [self.message(p).subject for p in self.series.patches]
+        companions = (
+            [Companion.of(d) for d in self.series.companions] if self.with_companions else []
+        )
         subject, body = self._render(
-            self.series.cover_template, subjects=subjects, evidence=evidence
+            self.series.cover_template, subjects=subjects, evidence=evidence, companions=companions
         )
         where = f"{self.series.templates_dir / self.series.cover_template}: the cover letter"
         style.check_subject(subject, prefixes=self.series.shortlog_prefixes, where=where)

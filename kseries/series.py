@@ -134,6 +134,7 @@ class Series:
     change_id: str = ""  # b4's change-id: the same in every version's cover letter
     sent: tuple[Sent, ...] = ()  # configs/review.toml: each version sent, oldest first
     given: tuple[Given, ...] = ()  # configs/review.toml: trailers taken from replies
+    companions: tuple[Path, ...] = ()  # config directories: each cover letter links the other
 
     @property
     def branch(self) -> str:
@@ -161,6 +162,7 @@ SERIES = Keys(
         "templates_dir": STRING,
         "shortlog_prefixes": STRINGS,  # the subsystem's topics ("KVM: x86/mmu:"), for subjects
         "change_id": STRING,  # b4's `change-id:`, so a maintainer's b4 sees v3 follow v2
+        "companions": STRINGS,  # config directories of the series this one is half of
         "facts": ANY_TABLE,  # free-form, for the templates: series.facts.v1_link
     }
 )
@@ -309,6 +311,9 @@ def load(config: Config | None = None) -> Series:
         change_id=info.get("change_id", ""),
         sent=sent_records(config),
         given=given,
+        companions=tuple(
+            (config.directory / name).resolve() for name in info.get("companions", ())
+        ),
     )
     check_diffs([patch.diff for patch in series.patches])
     return series

@@ -1,9 +1,12 @@
-"""The embedded default kernel tree, for a machine with no kernel git tree and no way to clone one.
+"""The embedded default tree, for a machine with no git tree of the project and no way to clone one.
 
-The toolkit rebases a series onto `kvm-x86/next`. Offline, the only kernel source within reach
-is Debian's `linux-source-7.2` package, so we import it as a git tree with one commit made with
+The toolkit rebases a series onto its base (`kvm-x86/next`, `qemu/master`). Offline, the only
+source within reach is a Debian package, so we import it as a git tree with one commit made with
 a fixed identity and fixed dates (the same sha on every machine) and serve it to that tree as
-the `kvm-x86` remote from a local bare repository.
+the base remote from a local bare repository. How the package is fetched is data
+([default_tree] fetch): the kernel's `linux-source-X.Y` is a binary .deb holding the tarball
+("deb"); QEMU is a source package, fetched with `apt-get source` and unpacked with Debian's
+patches applied by `dpkg-source -x` ("source").
 
 Every step builds into a `.NAME.partial` sibling and renames it into place only when complete,
 so an interrupted run is redone from the last finished step and a finished step is skipped.
@@ -24,7 +27,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kseries.config import STRING, Config, Keys
+from kseries.config import STRING, Config, Keys, Kind
 from kseries.core import run as door
 from kseries.core.files import exclusive
 from kseries.core.run import Ran
@@ -63,7 +66,16 @@ GIT_CONFIG = ("-c", "core.autocrlf=false", "-c", "gc.auto=0", "-c", "maintenance
 MIN_FREE_BYTES = 4 << 30  # .deb, extracted .deb, 1.8 GB source and its packed git objects
 
 TREE = Keys({"path": STRING})  # empty: the default tree
-DEFAULT_TREE = Keys({"package": STRING, "suite": STRING, "mirror": STRING})
+FETCH = ("deb", "source")  # a binary .deb with usr/src/PACKAGE.tar.xz, or a source package
+DEFAULT_TREE = Keys(
+    {
+        "package": STRING,
+        "suite": STRING,
+        "mirror": STRING,
+        "fetch": Kind("deb or source", lambda v: v in FETCH, "deb"),
+        "version": STRING,  # the source package's version (fetch = "source"); empty: the newest
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -82,16 +94,21 @@ def prepare_default_tree(
     mirror: str = "",
     remote: str = "kvm-x86",
     branch: str = "next",
+    fetch: str = "deb",
+    version: str = "",
     root: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> DefaultTree:
     """Build (or find, already built) the default tree under `root` and return it.
 
-    `root` defaults to ~/.cache/kseries/default-tree. `mirror` (a Debian archive URL) is only
-    needed the first time, to download the package; empty means the one this machine's apt
-    sources use. Raises ToolkitError for anything the user can fix.
+    `root` defaults to ~/.cache/kseries/default-tree for the kernel's .deb and to
+    ~/.cache/kseries/default-tree-PACKAGE for a source package. `mirror` (a Debian archive URL)
+    is only needed the first time, to download the package; empty means the one this machine's
+    apt sources use. Raises ToolkitError for anything the user can fix.
     """
-    root = Path(root) if root is not None else cache_dir() / "default-tree"
+    if root is None:
+        root = cache_dir() / ("default-tree" if fetch == "deb" else f"default-tree-{package}")
+    root = Path(root)
     timings: list[tuple[str, float]] = []
     started = time.monotonic()
     try:
@@ -100,7 +117,7 @@ def prepare_default_tree(
         with exclusive(root / ".lock", waiting, log):
             for stale in root.glob(".*.partial"):  # what an interrupted run left behind
                 shutil.rmtree(stale)
-            work = root / "linux"
+            work = root / ("linux" if fetch == "deb" else package)
             bare = root / f"{remote}.git"
             base = _rev(work, "refs/kseries/base")
             if base is None and work.exists():
@@ -110,11 +127,14 @@ def prepare_default_tree(
                 )
             if base is None:
                 _check_free_space(root)
-                deb = _find_deb(root, package)
-                if deb is None:
-                    with _timed(timings, "download"):
-                        deb = _download(root, package, suite, mirror, log)
-                base = _import(root, deb, package, work, timings, log)
+                if fetch == "source":
+                    base = _import_source(root, package, suite, version, mirror, work, timings, log)
+                else:
+                    deb = _find_deb(root, package)
+                    if deb is None:
+                        with _timed(timings, "download"):
+                            deb = _download(root, package, suite, mirror, log)
+                    base = _import(root, deb, package, work, timings, log)
             if _rev(bare, f"refs/heads/{branch}") is None:
                 with _timed(timings, "clone"):
                     _make_bare(root, work, bare, base, branch, log)
@@ -248,7 +268,7 @@ def _deb822_entries(text: str) -> Iterator[tuple[list[str], list[str]]]:
         yield fields.get("uris", "").split(), fields.get("suites", "").split()
 
 
-# --- step 1: download the .deb with a private apt configuration --------------------------------
+# --- step 1: download the package with a private apt configuration -----------------------------
 
 
 def _find_deb(root: Path, package: str) -> Path | None:
@@ -256,10 +276,14 @@ def _find_deb(root: Path, package: str) -> Path | None:
     return debs[-1] if debs else None
 
 
-def _download(
-    root: Path, package: str, suite: str, mirror: str, log: Callable[[str], None]
-) -> Path:
-    """apt-get download `package` from `suite`, leaving the machine's apt state untouched."""
+def _private_apt(
+    root: Path, line: str, package: str, suite: str, mirror: str, log: Callable[[str], None]
+) -> tuple[list[str], str]:
+    """apt's options for a private configuration under root/apt whose only source is
+    `line` (deb or deb-src) of `mirror`'s `suite`, updated; and the hint for a failure.
+
+    The machine's apt state is never read or written, only its mirror (when `mirror` is empty).
+    """
     mirror = mirror.rstrip("/") or find_debian_mirror(read_apt_sources())
     if not KEYRING.is_file():
         raise ToolkitError(f"{KEYRING} is missing: cannot verify Debian's archive", INSTALL_HINT)
@@ -268,7 +292,7 @@ def _download(
     for sub in ("lists/partial", "cache/archives/partial"):
         (apt / sub).mkdir(parents=True, exist_ok=True)
     sources = apt / "sources.list"
-    sources.write_text(f"deb [signed-by={KEYRING}] {mirror} {suite} main\n")
+    sources.write_text(f"{line} [signed-by={KEYRING}] {mirror} {suite} main\n")
     options = [
         f"-o=Dir::Etc::sourcelist={sources}",
         "-o=Dir::Etc::sourceparts=-",
@@ -281,6 +305,14 @@ def _download(
         options.append("-o=APT::Sandbox::User=root")
     hint = f"check that {mirror} is reachable and has {package} in {suite}, or {CONFIG_HINT}"
     run(["apt-get", "-q", *options, "update"], hint=hint, what=f"apt-get update ({suite})")
+    return options, hint
+
+
+def _download(
+    root: Path, package: str, suite: str, mirror: str, log: Callable[[str], None]
+) -> Path:
+    """apt-get download `package` from `suite`, leaving the machine's apt state untouched."""
+    options, hint = _private_apt(root, "deb", package, suite, mirror, log)
     partial = _fresh(root / ".download.partial")
     run(
         ["apt-get", "-q", *options, "download", package],
@@ -367,6 +399,83 @@ def _import(
     return base
 
 
+def _import_source(
+    root: Path,
+    package: str,
+    suite: str,
+    version: str,
+    mirror: str,
+    work: Path,
+    timings: list[tuple[str, float]],
+    log: Callable[[str], None],
+) -> str:
+    """apt-get source `package` (at `version`), unpacked by dpkg-source -x with Debian's
+    patches applied (QEMU's offline build needs two of them), committed as `work`'s master."""
+    dsc = _find_dsc(root, package, version)
+    if dsc is None:
+        with _timed(timings, "download"):
+            dsc = _download_source(root, package, suite, version, mirror, log)
+    partial = _fresh(root / f".{work.name}.partial")
+    source = partial / package
+    with _timed(timings, "unpack"):
+        log(f"default tree: unpacking {dsc.name} with Debian's patches")
+        run(
+            ["dpkg-source", "--no-copy", "-x", str(dsc), str(source)],
+            cwd=partial,
+            hint=f"check free space in {root}, or delete {dsc.parent} to download it again",
+            what=f"dpkg-source -x {dsc.name}",
+        )
+        # quilt's record of the applied patches: state of the unpacking, not source
+        shutil.rmtree(source / ".pc", ignore_errors=True)
+        if not (source / "debian" / "changelog").is_file():
+            raise ToolkitError(
+                f"{dsc.name} did not unpack to a Debian source tree",
+                "is default_tree.package a source package?",
+            )
+    with _timed(timings, "git import"):
+        log(f"default tree: importing the source as a git commit ({dsc.stem})")
+        gitignore = source / ".gitignore"
+        if gitignore.is_file():
+            gitignore.write_text(strip_debian_gitignore(gitignore.read_text()))
+        field = re.search(r"^Version: *(\S+)", dsc.read_text(errors="replace"), re.MULTILINE)
+        full = field.group(1) if field else dsc.stem.split("_", 1)[-1]
+        message = f"Debian source package {package} {full}, Debian's patches applied"
+        base = _commit_tree(source, message, _changelog_date(source / "debian" / "changelog"))
+        os.replace(source, work)
+    shutil.rmtree(partial)
+    return base
+
+
+def _find_dsc(root: Path, package: str, version: str) -> Path | None:
+    """The .dsc a finished download left in root/source (of `version`, if one is pinned)."""
+    upstream = version.split(":", 1)[-1] if version else "*"
+    found = sorted((root / "source").glob(f"{package}_{upstream}.dsc"))
+    return found[-1] if found else None
+
+
+def _download_source(
+    root: Path, package: str, suite: str, version: str, mirror: str, log: Callable[[str], None]
+) -> Path:
+    """apt-get source --download-only through a deb-src line, published as root/source."""
+    options, hint = _private_apt(root, "deb-src", package, suite, mirror, log)
+    wanted = f"{package}={version}" if version else package
+    partial = _fresh(root / ".source.partial")
+    run(
+        ["apt-get", "-q", *options, "source", "--download-only", wanted],
+        cwd=partial,
+        hint=hint,
+        what=f"apt-get source {wanted}",
+    )
+    final = root / "source"
+    if final.exists():  # a finished download of another version
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    dsc = _find_dsc(root, package, version)
+    if dsc is None:
+        raise ToolkitError(f"apt-get source {wanted} left no .dsc in {final}", hint)
+    return dsc
+
+
 def _commit_tree(source: Path, message: str, date: str) -> str:
     """git init + add + commit, reproducibly; checked so that no file was left out."""
     name, email = IDENTITY
@@ -437,7 +546,8 @@ def _kernel_version(makefile: Path) -> str:
 def _changelog_date(changelog: Path) -> str:
     """The date of the package's newest Debian changelog entry, as git's "epoch tz" date."""
     try:
-        with gzip.open(changelog, "rt", errors="replace") as f:
+        opener = gzip.open if changelog.suffix == ".gz" else open
+        with opener(changelog, "rt", errors="replace") as f:
             for line in f:
                 match = re.match(r"^ -- .*?>  (.+)$", line.rstrip("\n"))
                 if match:
