@@ -116,6 +116,11 @@ SEND = Keys(
         "exclude": STRINGS,
         "get_maintainer": BOOLEAN,
         "checkpatch_ignore": STRING_TABLE,  # message type -> why it is ignored
+        # checkpatch.pl's options: the kernel's --strict by default; QEMU's --strict means
+        # "fail on warnings too", which the check does anyway
+        "checkpatch_options": STRINGS,
+        # whether the tree's checkpatch.pl has --show-types and --ignore (QEMU's has neither)
+        "checkpatch_types": BOOLEAN,
         "smtp": Keys(
             {
                 "server": STRING,
@@ -146,6 +151,14 @@ class SendSettings:
         }
         self.get_maintainer: bool = table.get("get_maintainer", True)
         self.checkpatch_ignore: dict[str, str] = dict(table.get("checkpatch_ignore", {}))
+        self.checkpatch_options: list[str] = list(table.get("checkpatch_options", ["--strict"]))
+        self.checkpatch_types: bool = table.get("checkpatch_types", True)
+        if self.checkpatch_ignore and not self.checkpatch_types:
+            raise self.where.error(
+                "checkpatch_ignore",
+                "checkpatch_ignore needs a checkpatch.pl with --ignore (checkpatch_types = true)",
+                "remove checkpatch_ignore, or set checkpatch_types = true",
+            )
         self.smtp: dict[str, Any] = dict(table.get("smtp", {}))
 
     def _address(self, value: str, key: str) -> Address:
@@ -345,7 +358,7 @@ class Postman:
             self._applies(outbox),
             self._evidence(outbox),
             Check(
-                "checkpatch --strict",
+                " ".join(["checkpatch", *self.settings.checkpatch_options]),
                 all(c.ok for c in checkpatch),
                 "; ".join(c.detail for c in checkpatch if c.detail),
                 warn=any(c.warn for c in checkpatch),
@@ -478,18 +491,22 @@ class Postman:
         return Check(name, True)
 
     def _checkpatch(self, mail: Mail, history: bool) -> Check:
-        """checkpatch --strict on one mail. Without `history` (see `check`), an unknown
-        commit id is reported as not verified, a warning, rather than failing the mail."""
+        """checkpatch (--strict: [send] checkpatch_options) on one mail. Without `history`
+        (see `check`), an unknown commit id is reported as not verified, a warning, rather
+        than failing the mail."""
         ignore = sorted(self.settings.checkpatch_ignore)
-        cache = _cache(self.tree, "checkpatch", _patch_key(mail.path, *ignore, f"{history=}"))
+        options = self.settings.checkpatch_options
+        types = ["--show-types"] if self.settings.checkpatch_types else []
+        key = _patch_key(mail.path, *ignore, f"{history=}", *options, *types)
+        cache = _cache(self.tree, "checkpatch", key)
         if cache.exists():
             ok, detail, warn = json.loads(cache.read_text())
             return Check(mail.path.name, ok, detail, warn)
         command = [
             "perl",
             "scripts/checkpatch.pl",
-            "--strict",
-            "--show-types",
+            *options,
+            *types,
             "--no-summary-file",
             "--color=never",
         ]

@@ -72,7 +72,7 @@ DEFAULT_TREE = Keys(
         "package": STRING,
         "suite": STRING,
         "mirror": STRING,
-        "fetch": Kind("deb or source", lambda v: v in FETCH, "deb"),
+        "fetch": Kind("deb or source", lambda v: v in FETCH, '"source"'),
         "version": STRING,  # the source package's version (fetch = "source"); empty: the newest
     }
 )
@@ -159,30 +159,39 @@ def open_tree(config: Config, override: str = "", log: Callable[[str], None] = p
     """
     # both checked even when unused, so a typo there does not wait for the day it matters
     config.table("tree", TREE)
-    default_tree = config.table("default_tree", DEFAULT_TREE)
+    config.table("default_tree", DEFAULT_TREE)
     if override:
         return WorkTree(Path(override))
     configured = config.path("tree.path")
     if configured is not None:
         return WorkTree(configured)
+    return WorkTree(default_tree_of(config, log).path)
+
+
+def default_tree_of(config: Config, log: Callable[[str], None] = print) -> DefaultTree:
+    """The default tree `config`'s [default_tree] and [base] describe, prepared."""
     base = config.table("base", BASE)
-    return WorkTree(
-        prepare_default_tree(
-            **{k: v for k, v in default_tree.items() if v != ""},
-            remote=base.get("remote") or "kvm-x86",
-            branch=base.get("branch") or "next",
-            log=log,
-        ).path
+    return prepare_default_tree(
+        **{k: v for k, v in config.table("default_tree", DEFAULT_TREE).items() if v != ""},
+        remote=base.get("remote") or "kvm-x86",
+        branch=base.get("branch") or "next",
+        log=log,
     )
 
 
-def scratch_clone(dest: Path, remote: str = "kvm-x86", branch: str = "master") -> Path:
-    """A `git clone --shared` of the default tree at `dest`, on `branch` at the base.
+def scratch_clone(
+    dest: Path, remote: str = "kvm-x86", branch: str = "master", config: Config | None = None
+) -> Path:
+    """A `git clone --shared` of the default tree at `dest`, on `branch` at the base: the
+    kernel's, or the one `config` describes (configs/qemu: QEMU's).
 
     Tests and benchmarks work there, so the cached tree stays as its user left it; the
     objects are shared, so only the checkout costs time.
     """
-    default = prepare_default_tree(log=lambda _: None)
+    if config is None:
+        default = prepare_default_tree(log=lambda _: None)
+    else:
+        default = default_tree_of(config, lambda _: None)
     dest.parent.mkdir(parents=True, exist_ok=True)
     git(dest.parent, "clone", "-q", "--shared", "-o", remote, default.remote_url, str(dest))
     git(dest, "checkout", "-q", "-b", branch)

@@ -16,14 +16,21 @@ STEP = re.compile(r"^  ([A-Z][A-Z0-9_-]*(?: \[M\])?) +(\S+)")
 
 
 def failure(
-    lines: Sequence[str], code: int, log: Path, tree: Path, build_dir: Path, target: Target
+    lines: Sequence[str],
+    code: int,
+    log: Path,
+    tree: Path,
+    build_dir: Path,
+    target: Target,
+    *,
+    tool: str = "make",
 ) -> ToolkitError:
     """The error for a failed make: a missing tool, the first compiler or linker error, or
     make's own complaint; the message has file:line, the hint the exit code and the log."""
     missing = _missing_tool(lines)
     if missing:
         return missing
-    tail = f"make exited {code}; full log: {log}"
+    tail = f"{tool} exited {code}; full log: {log}"
     for i, line in enumerate(lines):
         match = re.match(
             r"^(?P<file>[^\s:][^:]*):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: "
@@ -73,7 +80,7 @@ def failure(
                 "pass an object or directory that exists, e.g. arch/x86/kvm/mmu/mmu.o",
             )
     first = next((line for line in lines if re.search(r"\berror\b|\*\*\*", line, re.I)), "")
-    return ToolkitError(f"build failed: {first.strip() or f'make exited {code}'}", tail)
+    return ToolkitError(f"build failed: {first.strip() or f'{tool} exited {code}'}", tail)
 
 
 class BuildError(ToolkitError):

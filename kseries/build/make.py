@@ -1,9 +1,11 @@
 """One make run in the build directory (`O=`): driven through kbuild's own quiet-mode lines
 (`  CC      path`) into a progress bar, logged in full to a file, and turned into a one-line
-error with the first compiler or linker error on failure."""
+error with the first compiler or linker error on failure. A meson build kind runs ninja the
+same way, its `[N/M]` lines giving the exact total."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +27,9 @@ from kseries.build.failure import STEP, failure
 from kseries.build.toolchain import Target, _env
 from kseries.core import run as door
 from kseries.ui import heartbeat
+
+# ninja's status lines: "[812/1379] Compiling C object libcommon.a.p/hw_vfio_pci.c.o".
+NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] (\S+(?: \S+)*?) (\S+)$")
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,9 @@ class MakeRun:
         verbose: bool = False,
         console: Console | None = None,
         expected: int = 0,
+        tool: str = "make",
     ) -> None:
+        self.tool = tool  # "make" (kbuild, O=) or "ninja" (a configured meson build directory)
         self.tree = tree
         self.build_dir = build_dir
         self.target = target
@@ -65,6 +72,8 @@ class MakeRun:
         self.expected = expected
 
     def command(self) -> list[str]:
+        if self.tool == "ninja":
+            return ["ninja", "-C", str(self.build_dir), f"-j{self.jobs}", *self.target.goals]
         return [
             "make",
             "-C",
@@ -91,9 +100,9 @@ class MakeRun:
                 for line in process.stdout:
                     self.log_file.write(line)
                     line = line.rstrip("\n")
-                    step = STEP.match(line)
+                    step = self._step(line)
                     if step:
-                        steps.append((step.group(1), step.group(2)))
+                        steps.append(step)
                     output.append(line)
                     show(line, bool(step), len(steps))
         except BaseException:  # Ctrl-C: make has the signal too; do not leave it running
@@ -105,9 +114,26 @@ class MakeRun:
         seconds = time.monotonic() - started
         if code != 0:
             raise failure(
-                output, code, Path(self.log_file.name), self.tree, self.build_dir, self.target
+                output,
+                code,
+                Path(self.log_file.name),
+                self.tree,
+                self.build_dir,
+                self.target,
+                tool=self.tool,
             )
         return Outcome(tuple(steps), seconds, Path(self.log_file.name))
+
+    def _step(self, line: str) -> tuple[str, str] | None:
+        """(kind, path) of a step line; ninja's also sets the total, which it knows exactly."""
+        if self.tool != "ninja":
+            step = STEP.match(line)
+            return (step.group(1), step.group(2)) if step else None
+        ninja = NINJA_STEP.match(line)
+        if not ninja:
+            return None
+        self.expected = int(ninja.group(2))
+        return ninja.group(3), ninja.group(4)
 
     @contextmanager
     def _display(self) -> Iterator[Callable[[str, bool, int], None]]:
@@ -117,7 +143,8 @@ class MakeRun:
             )
             return
         columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
-        if self.expected:
+        exact = self.tool == "ninja"  # each line says how many steps there are in all
+        if self.expected or exact:
             columns += [BarColumn(), MofNCompleteColumn()]
         else:
             columns += [TextColumn("{task.completed} steps")]
@@ -125,11 +152,11 @@ class MakeRun:
         # Off a terminal (CI logs, pipes) a live bar only leaves blank lines behind: a plain
         # line every half minute says how far make is instead.
         quiet = not self.console.is_terminal
-        what = f"make {' '.join(self.target.goals)}"
+        what = f"{self.tool} {' '.join(self.target.goals)}"
         done = [0]
 
         def so_far() -> str:
-            of = f" of about {self.expected}" if self.expected else ""
+            of = f" of {'' if exact else 'about '}{self.expected}" if self.expected else ""
             return f"{done[0]}{of} steps"
 
         with (
@@ -142,6 +169,8 @@ class MakeRun:
                 if step:
                     done[0] = count
                     total = max(self.expected, count + 1) if self.expected else None
+                    if exact:
+                        total = self.expected
                     progress.update(task, completed=count, total=total, last=line.strip()[:60])
 
             yield show

@@ -106,7 +106,10 @@ def summary(manifest: Manifest) -> str:
         lines.append(f"  sha256   {manifest.bzimage.sha256}")
     else:
         lines.append(f"built {manifest.target} in {manifest.build_dir}")
-    lines.append(f"  kernel   {manifest.kernelrelease} {manifest.utsversion}")
+    if manifest.utsversion:
+        lines.append(f"  kernel   {manifest.kernelrelease} {manifest.utsversion}")
+    else:  # a meson build (QEMU): its release, no kernel utsversion
+        lines.append(f"  release  {manifest.kernelrelease}")
     branch = manifest.branch or "(detached)"
     dirty = " + uncommitted changes" if manifest.dirty else ""
     lines.append(f"  source   {manifest.tree} {branch} {manifest.commit[:12]}{dirty}")

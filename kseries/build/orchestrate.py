@@ -34,8 +34,10 @@ from kseries.build.manifest import (
     sha256_file,
     utsversion,
 )
+from kseries.build.meson import MESON, MesonConfig, check_meson_tree, release
 from kseries.build.toolchain import (
     IMAGE,
+    MESON_TOOLS,
     TOOLS,
     Target,
     _ccache_basedir,
@@ -43,7 +45,17 @@ from kseries.build.toolchain import (
     check_tools,
     distcc_jobs,
 )
-from kseries.config import BOOLEAN, INTEGER, STRING, STRING_TABLE, STRINGS, Config, Keys, Names
+from kseries.config import (
+    BOOLEAN,
+    INTEGER,
+    STRING,
+    STRING_TABLE,
+    STRINGS,
+    Config,
+    Keys,
+    Kind,
+    Names,
+)
 from kseries.core import run as door
 from kseries.core.files import exclusive, output_dir, write_atomic
 from kseries.errors import ToolkitError
@@ -53,8 +65,11 @@ from kseries.paths import cache_dir
 Log = Callable[[str], None]
 
 # configs/toolkit.toml [build]: the defaults of `invoke build`, and what each --target makes.
+KINDS = ("kbuild", "meson")  # the kernel's make O=, or a meson tree's configure + ninja
 BUILD = Keys(
     {
+        "kind": Kind("kbuild or meson", lambda v: v in KINDS, '"meson"'),
+        "meson": MESON,  # the meson kind's configure arguments, device lists, firmware
         "base_config": STRING,
         "fragments": STRINGS,
         "target": STRING,
@@ -161,12 +176,22 @@ class Build:
         self.started = time.monotonic()  # the manifest's wall time counts the checks too
         self.log, self.verbose, self.console, self.set_last = log, verbose, console, set_last
         settings = config.table("build", BUILD)
-        self.config = BuildConfig.resolve(
-            base_config or settings.get("base_config") or "tinyconfig",
-            list(fragments) or list(settings.get("fragments", [])),
-            config.directory,
-            arch,
-        )
+        self.meson = settings.get("kind", "kbuild") == "meson"
+        self.config: BuildConfig | MesonConfig
+        if self.meson:
+            if fragments or base_config or arch or distcc:
+                raise ToolkitError(
+                    "--fragments, --base-config, --arch and --distcc are for kernel builds",
+                    "this series' build is configured by [build.meson] in its toolkit.toml",
+                )
+            self.config = MesonConfig.resolve(settings.get("meson", {}), config.directory)
+        else:
+            self.config = BuildConfig.resolve(
+                base_config or settings.get("base_config") or "tinyconfig",
+                list(fragments) or list(settings.get("fragments", [])),
+                config.directory,
+                arch,
+            )
         self.target = Target.resolve(
             target or settings.get("target") or "bzImage", settings.get("targets", {})
         )
@@ -174,11 +199,12 @@ class Build:
         use_ccache = bool(
             not self.hosts and settings.get("ccache", True) and shutil.which("ccache")
         )
-        check_tools([*TOOLS, *self.target.needs, *(["distcc"] if self.hosts else [])])
+        tools = MESON_TOOLS if self.meson else TOOLS
+        check_tools([*tools, *self.target.needs, *(["distcc"] if self.hosts else [])])
         chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
         self.work = tree_stage.open_tree(config, tree, log=log)
         self.tree = self.work.path
-        check_kernel_tree(self.tree)
+        (check_meson_tree if self.meson else check_kernel_tree)(self.tree)
         self.build_dir = chosen_dir or default_build_dir(self.tree)
         if self.build_dir == self.tree or self.tree in self.build_dir.parents:
             raise ToolkitError(
@@ -192,12 +218,13 @@ class Build:
         if self.hosts:
             self.make_vars.append("CC=distcc gcc")
             self.env["DISTCC_HOSTS"] = self.hosts
-        elif use_ccache:
+        elif use_ccache and not self.meson:  # meson finds ccache itself
             self.make_vars.append("CC=ccache gcc")
             self.env.update(_ccache_basedir(self.tree, self.build_dir))
         self.own = self.build_dir / "kseries"  # the toolkit's files: lock, log, state, stats
         self.stats_log = self.own / "ccache-stats.log" if use_ccache else None
         self.seconds: dict[str, float] = {}  # each phase's duration, once it has run
+        self.config_file = self.build_dir / ".config"  # the meson kind's: configure's output
 
     def run(self) -> Manifest:
         """Configure, make, write the manifest; return it (see build())."""
@@ -232,10 +259,20 @@ class Build:
             self.seconds[name] = round(time.monotonic() - started, 2)
 
     def _configure(self, log_file: IO[str], state: dict[str, Any]) -> str:
-        """BUILD/.config from the config inputs (kept if they have not changed); its sha256."""
-        self.config.prepare(self.tree, self.build_dir, self.make_vars, log_file, state, self.log)
+        """BUILD/.config from the config inputs (kept if they have not changed), or the meson
+        kind's configure; the sha256 of the configuration it left."""
+        if isinstance(self.config, MesonConfig):
+            made = self.config.prepare(
+                self.tree, self.build_dir, log_file, state, self.log, self.console
+            )
+        else:
+            made = self.build_dir / ".config"
+            self.config.prepare(
+                self.tree, self.build_dir, self.make_vars, log_file, state, self.log
+            )
+        self.config_file = made
         _write_state(self.own / "state.json", state)
-        return sha256_file(self.build_dir / ".config")
+        return sha256_file(made)
 
     def _make(
         self, log_file: IO[str], state: dict[str, Any], config_sha: str
@@ -258,6 +295,7 @@ class Build:
             verbose=self.verbose,
             console=self.console,
             expected=state.get("steps", {}).get(key, 0),
+            tool="ninja" if self.meson else "make",
         )
         try:
             return key, runner.run()
@@ -267,21 +305,28 @@ class Build:
             raise
 
     def _manifest(self, source: _Source, outcome: Outcome) -> Manifest:
-        image = self.build_dir / IMAGE
+        if isinstance(self.config, MesonConfig):
+            image = self.build_dir / self.target.artifact
+            version, uts = release(self.tree), ""
+            inputs = [(p.name, p) for p in self.config.inputs]
+        else:
+            image = self.build_dir / IMAGE
+            version, uts = kernelrelease(self.tree, self.build_dir), utsversion(self.build_dir)
+            inputs = [(f.name, f.path) for f in self.config.fragments]
         return Manifest(
             tree=str(self.tree),
             branch=source.branch,
             commit=source.commit,
             dirty=source.dirty(),
-            kernelrelease=kernelrelease(self.tree, self.build_dir),
-            utsversion=utsversion(self.build_dir),
+            kernelrelease=version,
+            utsversion=uts,
             target=self.target.name,
             bzimage=FileId.of(image) if image.is_file() else None,
-            config=FileId.of(self.build_dir / ".config"),
+            config=FileId.of(self.config_file),
             base_config=self.config.base,
             fragments=[
-                {"name": f.name, "path": str(f.path), "sha256": sha256_file(f.path)}
-                for f in self.config.fragments
+                {"name": name, "path": str(path), "sha256": sha256_file(path)}
+                for name, path in inputs
             ],
             wall_time_s=round(time.monotonic() - self.started, 2),
             ccache=ccache_stats(self.stats_log) if self.stats_log else None,

@@ -21,8 +21,11 @@ from kseries.errors import ToolkitError
 INSTALL_HINT = "run `bash ci/install.sh` (or `apt-get install {package}`)"
 # Tools every kernel build runs, and the Debian package that has each.
 TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc"}
+# ... and every build of the meson kind (QEMU): configure is a shell script, meson is the venv's.
+MESON_TOOLS = {"ninja": "ninja-build", "gcc": "gcc", "pkg-config": "pkgconf", "flex": "flex"}
 PACKAGES = {
     **TOOLS,
+    **MESON_TOOLS,
     "rsync": "rsync",
     "cpio": "cpio",
     "perl": "perl",
