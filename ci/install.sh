@@ -15,6 +15,9 @@ APT_PACKAGES=(
     mmdebstrap  # tests/test_fresh_root.py: a fresh Debian root for ci/install.sh
     qemu-utils fdisk socat  # the Debian grub-reboot box: its image, overlays and power button
     public-inbox  # tests/test_review.py: the list archive a maintainer's b4 reads
+    dpkg-dev  # the QEMU series' default tree: apt-get source and dpkg-source -x
+    ninja-build pkgconf seabios qemu-system-data  # the QEMU series' build and its firmware
+    libglib2.0-dev libpcre2-dev zlib1g-dev libmount-dev libblkid-dev libselinux1-dev libsepol-dev  # ... its static libraries
 )
 
 missing=()

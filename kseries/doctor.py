@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -73,6 +74,13 @@ GIT_ENV = {
 KERNEL_PERL = (
     "Cwd", "Encode", "File::Basename", "File::Find", "File::Spec::Functions", "Getopt::Long",
     "JSON::PP", "POSIX", "Term::ANSIColor",
+)
+
+
+# The libraries a static qemu-system-x86_64 links, as PACKAGES keys ("pc:" + pkg-config name).
+QEMU_LIBRARIES = tuple(
+    f"pc:{name}"
+    for name in ("glib-2.0", "libpcre2-8", "zlib", "mount", "blkid", "libselinux", "libsepol")
 )
 
 
@@ -196,6 +204,26 @@ CHECKS: tuple[Check, ...] = (
         env={"DISTCC_HOSTS": "localhost", "DISTCC_DIR": "{dir}"},
     ),
     Check("qemu-system-x86_64 runs", ("qemu-system-x86_64", "--version"), ("qemu-system-x86_64",)),
+    # The QEMU series (configs/qemu): its default tree, and its static build's tools and libraries
+    Check(
+        "dpkg-source runs (the QEMU source package)", ("dpkg-source", "--version"), ("dpkg-source",)
+    ),
+    Check("ninja runs (the QEMU build)", ("ninja", "--version"), ("ninja",)),
+    Check(
+        "meson >= 1.5 imports in the toolkit's python (QEMU's configure)",
+        (
+            sys.executable,
+            "-c",
+            "import sys, mesonbuild.coredata as c; "
+            "sys.exit(tuple(map(int, c.version.split('.')[:2])) < (1, 5))",
+        ),
+        (),
+    ),
+    Check(
+        "pkg-config --static finds the static QEMU's libraries",
+        ("pkg-config", "--static", "--exists", *(n[3:] for n in QEMU_LIBRARIES)),
+        ("pkg-config", *QEMU_LIBRARIES),
+    ),
     Check(
         f"{BUSYBOX} is static and lists its applets (the test box's userspace)",
         (BUSYBOX, "--list-full"),

@@ -196,8 +196,13 @@ class Build:
             target or settings.get("target") or "bzImage", settings.get("targets", {})
         )
         self.hosts = distcc or settings.get("distcc_hosts", "")
+        # QEMU's configure names the compiler in meson's native file, so meson does not put
+        # ccache in front of it: the meson kind builds without ccache
         use_ccache = bool(
-            not self.hosts and settings.get("ccache", True) and shutil.which("ccache")
+            not self.hosts
+            and not self.meson
+            and settings.get("ccache", True)
+            and shutil.which("ccache")
         )
         tools = MESON_TOOLS if self.meson else TOOLS
         check_tools([*tools, *self.target.needs, *(["distcc"] if self.hosts else [])])
@@ -218,7 +223,7 @@ class Build:
         if self.hosts:
             self.make_vars.append("CC=distcc gcc")
             self.env["DISTCC_HOSTS"] = self.hosts
-        elif use_ccache and not self.meson:  # meson finds ccache itself
+        elif use_ccache:
             self.make_vars.append("CC=ccache gcc")
             self.env.update(_ccache_basedir(self.tree, self.build_dir))
         self.own = self.build_dir / "kseries"  # the toolkit's files: lock, log, state, stats

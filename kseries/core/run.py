@@ -59,12 +59,23 @@ PACKAGES = {
     "public-inbox-init": "public-inbox",  # the review loop's tests: a real list archive
     "public-inbox-mda": "public-inbox",
     "public-inbox-httpd": "public-inbox",
+    "dpkg-source": "dpkg-dev",  # the QEMU series' default tree: Debian's source package
+    "ninja": "ninja-build",  # the QEMU series' build
+    "pkg-config": "pkgconf",
     # Not programs: what they load, by the name it is loaded by.
     "perl:Mail::Address": "libmailtools-perl",  # git send-email (only a Recommends of git-email)
     "python3:ply": "python3-ply",  # checkpatch.pl's SPDX check
     "python3:git": "python3-git",
     "gelf.h": "libelf-dev",  # objtool
     "openssl/opensslv.h": "libssl-dev",  # sign-file, extract-cert
+    # the static QEMU's libraries, by their pkg-config names
+    "pc:glib-2.0": "libglib2.0-dev",
+    "pc:libpcre2-8": "libpcre2-dev",
+    "pc:zlib": "zlib1g-dev",
+    "pc:mount": "libmount-dev",
+    "pc:blkid": "libblkid-dev",
+    "pc:libselinux": "libselinux1-dev",
+    "pc:libsepol": "libsepol-dev",
 }
 INSTALL_HINT = "run `bash ci/install.sh` (or `apt-get install {package}`)"
 
