@@ -194,7 +194,7 @@ def scratch_clone(
         default = default_tree_of(config, lambda _: None)
     dest.parent.mkdir(parents=True, exist_ok=True)
     git(dest.parent, "clone", "-q", "--shared", "-o", remote, default.remote_url, str(dest))
-    git(dest, "checkout", "-q", "-b", branch)
+    git(dest, "checkout", "-q", "-B", branch)  # -B: a clone of qemu.git is on master already
     return dest
 
 
