@@ -30,6 +30,7 @@ PACKAGES = {
     "git-send-email": "git-email",
     "perl": "perl",
     "python3": "python3",
+    "python": "python3",  # the toolkit's venv interpreter (made by ci/install.sh from python3)
     "gcc": "gcc",
     "make": "make",
     "flex": "flex",
