@@ -67,7 +67,7 @@ class Companion:
     def of(cls, directory: Path) -> Companion:
         config = Config.load(directory)
         other = series_stage.load(config)
-        subject = Changelog(other, companions=False).cover_letter().subject
+        subject = Changelog(other, companions=False).cover_subject()
         if other.sent:
             return cls(subject, other.sent[-1].link, True)
         archive = str(config.setting("review.archive", DEFAULT_ARCHIVE)).rstrip("/")
@@ -147,6 +147,14 @@ class Changelog:
         where = f"{self.series.templates_dir / self.series.cover_template}: the cover letter"
         style.check_subject(subject, prefixes=self.series.shortlog_prefixes, where=where)
         return Message(subject, body)
+
+    def cover_subject(self) -> str:
+        """The cover letter's subject alone, for another series' cover letter to name: its
+        patches' messages are not rendered (their subjects are not in it)."""
+        subject, _ = self._render(
+            self.series.cover_template, subjects=[], evidence=None, companions=[]
+        )
+        return subject
 
     def _render(self, name: str, **context: Any) -> tuple[str, str]:
         path = self.series.templates_dir / name
