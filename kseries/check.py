@@ -33,7 +33,7 @@ from kseries.config import STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import cache_dir
+from kseries.paths import check_dir
 
 Log = Callable[[str], None]
 CHECK = Keys(
@@ -146,7 +146,7 @@ class Check:
         self.config = config
         self.tree = tree
         self.log = log
-        self.root = cache_dir() / "check" / build_stage.tree_key(tree.path)
+        self.root = check_dir(tree.path)
         # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: ccache hits are shared
         self.worktree = self.root / "default-tree" / "linux"
 

@@ -30,7 +30,7 @@ from kseries.core.files import exclusive
 from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import cache_dir
+from kseries.paths import default_tree_dir
 from kseries.series import BASE
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -91,7 +91,7 @@ def prepare_default_tree(
     needed the first time, to download the package; empty means the one this machine's apt
     sources use. Raises ToolkitError for anything the user can fix.
     """
-    root = Path(root) if root is not None else cache_dir() / "default-tree"
+    root = Path(root) if root is not None else default_tree_dir()
     timings: list[tuple[str, float]] = []
     started = time.monotonic()
     try:

@@ -43,8 +43,6 @@ from kseries.build.orchestrate import (
     Build,
     build,
     check_kernel_tree,
-    default_build_dir,
-    tree_key,
 )
 from kseries.build.toolchain import (
     IMAGE,
@@ -55,6 +53,8 @@ from kseries.build.toolchain import (
     check_tools,
     distcc_jobs,
 )
+from kseries.paths import build_dir as default_build_dir
+from kseries.paths import tree_key
 
 __all__ = [
     "BASES",

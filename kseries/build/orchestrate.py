@@ -8,7 +8,6 @@ step counts, config stamp).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import IO, Any
 
 from rich.console import Console
 
+from kseries import paths
 from kseries import tree as tree_stage
 from kseries.build.failure import BuildError
 from kseries.build.fragments import BuildConfig
@@ -48,7 +48,6 @@ from kseries.core import run as door
 from kseries.core.files import exclusive, output_dir, write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import cache_dir
 
 Log = Callable[[str], None]
 
@@ -68,15 +67,6 @@ BUILD = Keys(
         ),
     }
 )
-
-
-def tree_key(path: Path) -> str:
-    """A build directory name per tree: its name plus a short hash of its path."""
-    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
-
-
-def default_build_dir(tree: Path) -> Path:
-    return cache_dir() / "build" / tree_key(tree)
 
 
 def check_kernel_tree(path: Path) -> None:
@@ -179,7 +169,7 @@ class Build:
         self.work = tree_stage.open_tree(config, tree, log=log)
         self.tree = self.work.path
         check_kernel_tree(self.tree)
-        self.build_dir = chosen_dir or default_build_dir(self.tree)
+        self.build_dir = chosen_dir or paths.build_dir(self.tree)
         if self.build_dir == self.tree or self.tree in self.build_dir.parents:
             raise ToolkitError(
                 f"build directory {self.build_dir} is inside the tree {self.tree}",

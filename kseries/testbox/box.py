@@ -29,7 +29,7 @@ from kseries.config import (
     Where,
 )
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import testbox_dir
 from kseries.testbox import lava
 
 FILE = "testboxes.toml"
@@ -154,7 +154,7 @@ class Box:
         """Where a local QEMU box keeps its console log, keys and state."""
         if self.qemu and self.qemu.state_dir:
             return self.qemu.state_dir
-        return cache_dir() / "testbox" / self.name
+        return testbox_dir(self.name)
 
     def address(self, port: int | None = None) -> str:
         """user@host:port, for messages (never anything secret)."""

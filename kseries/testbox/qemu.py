@@ -32,7 +32,7 @@ from typing import Any
 from kseries.core.files import write_atomic
 from kseries.core.run import Popen, TimeoutExpired, run, start
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import testbox_dir
 from kseries.testbox import initramfs
 from kseries.testbox.box import Box
 
@@ -115,7 +115,7 @@ def read_since(path: Path, offset: int) -> str:
 
 def shared_dir() -> Path:
     """Keys and the initramfs are shared by all local boxes."""
-    return cache_dir() / "testbox"
+    return testbox_dir()
 
 
 class QemuBox:

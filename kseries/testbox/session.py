@@ -18,7 +18,6 @@ For each box (several run in parallel threads, like Fabric's ThreadingGroup) and
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shutil
 import threading
 import time
@@ -34,7 +33,7 @@ from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import PROJECT, cache_dir
+from kseries.paths import PROJECT, compare_dir
 from kseries.testbox import boot, kernel, mmu, suite
 from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.group import Group
@@ -287,8 +286,7 @@ def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) ->
         )
     tree = Path(under_test.tree)
     sha = _commit(tree, spec)
-    key = hashlib.sha256(str(tree).encode()).hexdigest()[:10]
-    base = cache_dir() / "testbox" / "compare" / f"{tree.name}-{key}"
+    base = compare_dir(tree)
     # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: the build stage makes
     # ccache hash paths relative to the common parent, so the two share cache hits.
     worktree = base / "default-tree" / "linux"
