@@ -34,6 +34,7 @@ from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import check_dir
+from kseries.series import Series
 
 Log = Callable[[str], None]
 CHECK = Keys(
@@ -305,12 +306,14 @@ class Made:
 
 
 def check(
-    config: Config, tree: WorkTree, *, gates: Sequence[str] = (), log: Log = print
+    config: Config,
+    series: Series,
+    tree: WorkTree,
+    *,
+    gates: Sequence[str] = (),
+    log: Log = print,
 ) -> list[Result]:
     """Run the gates (all, or those named) over the series branch of `tree`."""
-    from kseries import series as series_stage
-
-    series = series_stage.load(config)
     chosen = Gate.load_all(config)
     if gates:
         unknown = sorted(set(gates) - {g.name for g in chosen})

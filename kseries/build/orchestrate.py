@@ -86,7 +86,7 @@ def check_kernel_tree(path: Path) -> None:
 def build(
     config: Config,
     *,
-    tree: str = "",
+    tree: WorkTree | str = "",
     out: str = "",
     fragments: Sequence[str] = (),
     base_config: str = "",
@@ -135,7 +135,7 @@ class Build:
         self,
         config: Config,
         *,
-        tree: str = "",
+        tree: WorkTree | str = "",
         out: str = "",
         fragments: Sequence[str] = (),
         base_config: str = "",
@@ -166,7 +166,9 @@ class Build:
         )
         check_tools([*TOOLS, *self.target.needs, *(["distcc"] if self.hosts else [])])
         chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
-        self.work = tree_stage.open_tree(config, tree, log=log)
+        # A work tree is used as it is; a path (--tree, or empty for the configured or the
+        # default tree) is opened only now, after every other input was checked.
+        self.work = tree if isinstance(tree, WorkTree) else tree_stage.open_tree(config, tree, log)
         self.tree = self.work.path
         check_kernel_tree(self.tree)
         self.build_dir = chosen_dir or paths.build_dir(self.tree)

@@ -53,7 +53,7 @@ def new_version(
     edit.set_version(series.version + 1)
     edit.write(series_stage.load)  # refused, and put back, if the series no longer loads
     log(f"{series.source.name}: version {series.version} -> {series.version + 1}")
-    fresh = series_stage.load(Config.load(config.directory))
+    fresh = series_stage.load(config.reload())
     try:
         result = Rebase(tree, fresh, log=log).start(
             remote=remote or fresh.base.remote, branch=branch or fresh.base.branch, fetch=fetch
