@@ -108,7 +108,7 @@ class Gate:
 
 
 @dataclass
-class Result:
+class GateResult:
     """One commit through one gate."""
 
     gate: str
@@ -140,7 +140,7 @@ def warnings(log_text: str, tree: Path, build_dir: Path) -> set[str]:
     return found
 
 
-class Check:
+class SeriesCheck:
     """The series' commits (base..branch) through every gate."""
 
     def __init__(self, config: Config, tree: WorkTree, *, log: Log = print) -> None:
@@ -166,7 +166,7 @@ class Check:
             raise ToolkitError(f"{branch} has no commits on top of {base_ref}", "invoke rebase")
         return base, commits
 
-    def run(self, gates: Sequence[Gate], base_ref: str, branch: str) -> list[Result]:
+    def run(self, gates: Sequence[Gate], base_ref: str, branch: str) -> list[GateResult]:
         base, commits = self.commits(base_ref, branch)
         self.root.mkdir(parents=True, exist_ok=True)
         with exclusive(
@@ -183,7 +183,7 @@ class Check:
         branch: str,
         base: str,
         commits: Sequence[tuple[str, str]],
-        results: Sequence[Result],
+        results: Sequence[GateResult],
     ) -> None:
         """Keep, per gate, which commits it built and which failed, for send's cover letter
         (records.check_record); the other gates' entries stay, so `--gate X` adds to them. A
@@ -205,7 +205,7 @@ class Check:
             }
         records.write(path, {"branch": branch, "gates": every})
 
-    def _gate(self, gate: Gate, base: str, commits: Sequence[tuple[str, str]]) -> list[Result]:
+    def _gate(self, gate: Gate, base: str, commits: Sequence[tuple[str, str]]) -> list[GateResult]:
         out = self.root / "build" / gate.name
         known = self._base_warnings(gate, base, out)
         results = []
@@ -253,10 +253,10 @@ class Check:
         )
         return made.warnings
 
-    def _build(self, gate: Gate, out: Path, sha: str, subject: str, known: set[str]) -> Result:
+    def _build(self, gate: Gate, out: Path, sha: str, subject: str, known: set[str]) -> GateResult:
         made = self._make(gate, out)
         new = sorted(made.warnings - known)
-        return Result(
+        return GateResult(
             gate.name,
             sha,
             subject,
@@ -312,7 +312,7 @@ def check(
     *,
     gates: Sequence[str] = (),
     log: Log = print,
-) -> list[Result]:
+) -> list[GateResult]:
     """Run the gates (all, or those named) over the series branch of `tree`."""
     chosen = Gate.load_all(config)
     if gates:
@@ -324,10 +324,10 @@ def check(
             )
         chosen = [g for g in chosen if g.name in gates]
     base_ref = f"{series.base.remote}/{series.base.branch}"
-    return Check(config, tree, log=log).run(chosen, base_ref, series.branch)
+    return SeriesCheck(config, tree, log=log).run(chosen, base_ref, series.branch)
 
 
-def table(results: Sequence[Result]) -> Table:
+def table(results: Sequence[GateResult]) -> Table:
     """Rows: the commits, oldest first. Columns: the gates."""
     gates = list(dict.fromkeys(r.gate for r in results))
     grid = Table(title="check: every commit, every gate", title_justify="left")
@@ -352,7 +352,7 @@ def table(results: Sequence[Result]) -> Table:
     return grid
 
 
-def details(results: Sequence[Result]) -> list[str]:
+def details(results: Sequence[GateResult]) -> list[str]:
     lines = []
     for r in results:
         if r.error:

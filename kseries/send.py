@@ -70,7 +70,7 @@ class Mail:
 
 
 @dataclass
-class Check:
+class MailCheck:
     name: str
     ok: bool
     detail: str = ""
@@ -85,11 +85,11 @@ class Outbox:
     base: str
     directory: Path
     mails: list[Mail]
-    checks: list[Check] = field(default_factory=list)
+    checks: list[MailCheck] = field(default_factory=list)
     testing: evidence.Testing | None = None  # the cover letter's Testing section, if it has one
 
     @property
-    def failed(self) -> list[Check]:
+    def failed(self) -> list[MailCheck]:
         return [c for c in self.checks if not c.ok]
 
 
@@ -327,7 +327,7 @@ class Postman:
 
     # -- checks ----------------------------------------------------------------------------
 
-    def check(self, outbox: Outbox, *, sending: bool) -> list[Check]:
+    def check(self, outbox: Outbox, *, sending: bool) -> list[MailCheck]:
         """Every pre-send check; the outbox keeps the results."""
         patches = outbox.mails[1:]
         # No history before the base (the embedded default tree is one imported commit):
@@ -344,7 +344,7 @@ class Postman:
             self._trailer_rules(patches),
             self._applies(outbox),
             self._evidence(outbox),
-            Check(
+            MailCheck(
                 "checkpatch --strict",
                 all(c.ok for c in checkpatch),
                 "; ".join(c.detail for c in checkpatch if c.detail),
@@ -354,14 +354,14 @@ class Postman:
         ]
         return outbox.checks
 
-    def _evidence(self, outbox: Outbox) -> Check:
+    def _evidence(self, outbox: Outbox) -> MailCheck:
         """The test report the Testing section came from: a failed series run or check gate
         fails (it would be mailed as evidence); what the report lacks only warns."""
         if outbox.testing is None:
-            return Check("test evidence", True, "no Testing section (--untested)", warn=True)
-        return Check("test evidence", *outbox.testing.evidence.verdict())
+            return MailCheck("test evidence", True, "no Testing section (--untested)", warn=True)
+        return MailCheck("test evidence", *outbox.testing.evidence.verdict())
 
-    def _review_checks(self, outbox: Outbox, sending: bool) -> list[Check]:
+    def _review_checks(self, outbox: Outbox, sending: bool) -> list[MailCheck]:
         """The review loop's: a version goes out once, and from v2 on the cover letter names
         every patch changed since the version before (kseries.review.sent)."""
         verdicts = [
@@ -370,18 +370,18 @@ class Postman:
                 self.tree, self.series, outbox.base, _read_mail(outbox.mails[0].path).get_content()
             ),
         ]
-        return [Check(*v) for v in verdicts if v is not None]
+        return [MailCheck(*v) for v in verdicts if v is not None]
 
-    def _sender(self, sending: bool) -> Check:
+    def _sender(self, sending: bool) -> MailCheck:
         """The From: is the configured submitter; a real send also needs an SMTP server."""
         who = self.series.submitter.ident
         if not sending:
-            return Check("sender identity", True, who)
+            return MailCheck("sender identity", True, who)
         server = (
             self.settings.smtp.get("server")
             or self.tree.try_git("config", "sendemail.smtpServer")[1].strip()
         )
-        return Check(
+        return MailCheck(
             "sender identity",
             bool(server),
             f"{who} via {server}"
@@ -389,7 +389,7 @@ class Postman:
             else f"{who}: no SMTP server ([send.smtp] server or git config sendemail.smtpServer)",
         )
 
-    def _numbering(self, outbox: Outbox) -> Check:
+    def _numbering(self, outbox: Outbox) -> MailCheck:
         total = len(outbox.mails) - 1
         prefix = self.series.subject_prefix
         wrong = [
@@ -397,10 +397,10 @@ class Postman:
             for n, m in enumerate(outbox.mails)
             if not m.subject.startswith(f"[{prefix} {n}/{total}] ")
         ]
-        return Check(f"subjects numbered [{prefix} n/{total}]", not wrong, "; ".join(wrong))
+        return MailCheck(f"subjects numbered [{prefix} n/{total}]", not wrong, "; ".join(wrong))
 
     @staticmethod
-    def _subject_lengths(outbox: Outbox) -> Check:
+    def _subject_lengths(outbox: Outbox) -> MailCheck:
         """Over the firm limit only warns (maintainer-kvm-x86.rst lets a shortlog "run a few
         characters over"); over the hard one the changelog rules fail."""
         limit = style.SUBJECT_LIMIT
@@ -409,23 +409,25 @@ class Postman:
             for m in outbox.mails
             if len(m.shortlog) > limit
         ]
-        return Check(f"subjects at most {limit} characters", True, "; ".join(long), warn=bool(long))
+        return MailCheck(
+            f"subjects at most {limit} characters", True, "; ".join(long), warn=bool(long)
+        )
 
     @staticmethod
-    def _placeholders(outbox: Outbox) -> Check:
+    def _placeholders(outbox: Outbox) -> MailCheck:
         left = [
             f"{m.path.name}: {p}"
             for m in outbox.mails
             for p in PLACEHOLDERS
             if p in m.path.read_text()
         ]
-        return Check(
+        return MailCheck(
             "no template placeholders",
             not left,
             "; ".join(left) + (" (run `invoke rebase` to set the cover letter)" if left else ""),
         )
 
-    def _changelog_rules(self, outbox: Outbox) -> Check:
+    def _changelog_rules(self, outbox: Outbox) -> MailCheck:
         """The changelog rules on the mails as they will be read (a commit amended by hand
         included): the cover letter's subject, and each patch's subject and body."""
         prefixes = self.series.shortlog_prefixes
@@ -442,10 +444,10 @@ class Postman:
                     where=f"{mail.path.name}{template}",
                 )
         except style.ChangelogRuleError as e:
-            return Check("changelog rules", False, e.message)
-        return Check("changelog rules", True)
+            return MailCheck("changelog rules", False, e.message)
+        return MailCheck("changelog rules", True)
 
-    def _trailer_rules(self, patches: list[Mail]) -> Check:
+    def _trailer_rules(self, patches: list[Mail]) -> MailCheck:
         for mail in patches:
             author, block = self._trailers(mail.path)
             try:
@@ -456,10 +458,10 @@ class Postman:
                     where=mail.path.name,
                 )
             except trailers.TrailerRuleError as e:
-                return Check("trailer rules", False, e.message)
-        return Check("trailer rules", True)
+                return MailCheck("trailer rules", False, e.message)
+        return MailCheck("trailer rules", True)
 
-    def _applies(self, outbox: Outbox) -> Check:
+    def _applies(self, outbox: Outbox) -> MailCheck:
         """Apply the mails in order onto the base in a scratch index: the work tree is untouched.
 
         The index holds only the paths the series touches, taken from the base; reading the
@@ -474,17 +476,19 @@ class Postman:
             for mail in outbox.mails[1:]:
                 status, _, err = self.tree.try_git("apply", "--cached", str(mail.path), env=env)
                 if status != 0:
-                    return Check(name, False, f"{mail.path.name}: {err.strip().splitlines()[0]}")
-        return Check(name, True)
+                    return MailCheck(
+                        name, False, f"{mail.path.name}: {err.strip().splitlines()[0]}"
+                    )
+        return MailCheck(name, True)
 
-    def _checkpatch(self, mail: Mail, history: bool) -> Check:
+    def _checkpatch(self, mail: Mail, history: bool) -> MailCheck:
         """checkpatch --strict on one mail. Without `history` (see `check`), an unknown
         commit id is reported as not verified, a warning, rather than failing the mail."""
         ignore = sorted(self.settings.checkpatch_ignore)
         cache = _cache(self.tree, "checkpatch", _patch_key(mail.path, *ignore, f"{history=}"))
         if cache.exists():
             ok, detail, warn = json.loads(cache.read_text())
-            return Check(mail.path.name, ok, detail, warn)
+            return MailCheck(mail.path.name, ok, detail, warn)
         command = [
             "perl",
             "scripts/checkpatch.pl",
@@ -523,7 +527,7 @@ class Postman:
         else:
             detail = ""
         write_atomic(cache, json.dumps([ok, detail, warn]))
-        return Check(mail.path.name, ok, detail, warn)
+        return MailCheck(mail.path.name, ok, detail, warn)
 
     def rehearse(self, outbox: Outbox) -> Delivery:
         """The dry run: every check, and `git send-email --dry-run` beside them (both only read
