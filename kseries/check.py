@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from rich.table import Table
 
 from kseries import build as build_stage
 from kseries import records
-from kseries.build import BuildConfig
+from kseries.build import WARNING, BuildConfig, BuildError
 from kseries.config import STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
@@ -53,10 +52,6 @@ CHECK = Keys(
         )
     }
 )
-WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
-# a compile in the log: kbuild's quiet "  CC  path" line, or the selftests' full gcc command
-COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
-
 
 @dataclass(frozen=True)
 class Gate:
@@ -281,15 +276,15 @@ class SeriesCheck:
                 set_last=False,
                 log=lambda _: None,
             )
-            log_file = Path(manifest.log)
-            error = ""
-        except ToolkitError as e:
-            log_file, error = out / "kseries" / "build.log", e.message
-        text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+            printed, compiled, error = manifest.warnings, manifest.compiled, ""
+        except BuildError as e:  # what compiled before the error still counts
+            printed, compiled, error = list(e.warnings), e.compiled, e.message
+        except ToolkitError as e:  # refused before make ran, or make's own complaint
+            printed, compiled, error = [], 0, e.message
         return Made(
             error,
-            warnings(text, self.worktree, out),
-            sum(1 for line in text.splitlines() if COMPILE.match(line)),
+            warnings("\n".join(printed), self.worktree, out),
+            compiled,
             time.monotonic() - started,
         )
 

@@ -24,7 +24,7 @@ counts, config stamp); ~/.cache/kseries/build/last.json points at the newest ker
 the test-box stage.
 """
 
-from kseries.build.failure import STEP, BuildError, failure
+from kseries.build.failure import STEP, WARNING, BuildError, failure
 from kseries.build.fragments import BASES, BuildConfig, Fragment, read_config
 from kseries.build.kconfig import KconfigIndex, Reason
 from kseries.build.make import MakeRun, Outcome
@@ -64,6 +64,7 @@ __all__ = [
     "STATE_VERSION",
     "STEP",
     "TOOLS",
+    "WARNING",
     "Build",
     "BuildConfig",
     "BuildError",

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from kseries.build.failure import STEP, failure
+from kseries.build.failure import COMPILE, STEP, WARNING, failure
 from kseries.build.toolchain import Target, _env
 from kseries.core import run as door
 from kseries.ui import heartbeat
@@ -29,11 +29,14 @@ from kseries.ui import heartbeat
 
 @dataclass(frozen=True)
 class Outcome:
-    """A finished make run."""
+    """A finished make run: what it did, and the warnings it printed, as the check stage
+    compares them."""
 
     steps: tuple[tuple[str, str], ...]  # ("CC", "arch/x86/kvm/mmu/mmu.o"), in order
     seconds: float
     log: Path
+    warnings: tuple[str, ...] = ()  # the lines, as printed
+    compiled: int = 0  # objects compiled (kbuild's CC steps, or gcc -c commands)
 
 
 class MakeRun:
@@ -107,7 +110,13 @@ class MakeRun:
             raise failure(
                 output, code, Path(self.log_file.name), self.tree, self.build_dir, self.target
             )
-        return Outcome(tuple(steps), seconds, Path(self.log_file.name))
+        return Outcome(
+            tuple(steps),
+            seconds,
+            Path(self.log_file.name),
+            tuple(line for line in output if WARNING.match(line.strip())),
+            sum(1 for line in output if COMPILE.match(line)),
+        )
 
     @contextmanager
     def _display(self) -> Iterator[Callable[[str, bool, int], None]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class Manifest:
     build_dir: str
     log: str
     built_at: str
+    warnings: list[str] = field(default_factory=list)  # gcc's warning lines, as printed
+    compiled: int = 0  # objects this run compiled (0: nothing to rebuild)
     path: str = ""  # where this manifest is stored (not part of the JSON)
 
     def to_json(self) -> str:

@@ -282,6 +282,8 @@ class Build:
             build_dir=str(self.build_dir),
             log=str(outcome.log),
             built_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            warnings=list(outcome.warnings),
+            compiled=outcome.compiled,
         )
 
 
