@@ -98,12 +98,13 @@ def export(c: Context, tree: str = "", ref: str = "", series: str = "") -> None:
     A commit message edited on the branch is not exported (prose lives in templates/): it is
     shown as a diff against the rendered message, naming the template to change."""
     from kseries import changelog as changelog_stage
+    from kseries import records
     from kseries import series as series_stage
 
     ws = Workspace.open(series, tree, log)
     chosen, work = ws.series, ws.work
     ref = ref or chosen.branch
-    base = work.git("merge-base", ref, chosen.base.tracking_ref).strip()
+    base = records.series_base(work, ref, chosen.base.tracking_ref)
     exported = series_stage.export(work, chosen, ref, base)
     for path in exported.changed:
         console.print(f"updated {path.relative_to(ws.config.project)}")

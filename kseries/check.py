@@ -154,7 +154,7 @@ class SeriesCheck:
                     f"{self.tree.path}: no {ref}",
                     "run `invoke rebase` first (it makes the series branch on the base)",
                 )
-        base = self.tree.git("merge-base", base_ref, branch).strip()
+        base = records.series_base(self.tree, branch, base_ref)
         lines = self.tree.git("log", "--reverse", "--format=%H %s", f"{base}..{branch}")
         commits = [(x[:40], x[41:]) for x in lines.splitlines() if x]
         if not commits:

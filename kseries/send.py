@@ -298,7 +298,7 @@ class Postman:
             )
         if self.tree.rev(f"refs/heads/{branch}") is None:
             raise ToolkitError(f"{self.tree.path}: no branch {branch}", "run `invoke rebase` first")
-        base = self._base(branch)
+        base = records.series_base(self.tree, branch, self.series.base.tracking_ref)
         testing = evidence.prepare(self.tree, self.series) if self.testing else None
         out = _claim(out, self.series)
         # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
@@ -325,16 +325,6 @@ class Postman:
         outbox = Outbox(branch, base, out, [Mail.read(path) for path in paths], testing=testing)
         self._address(outbox)
         return outbox
-
-    def _base(self, branch: str) -> str:
-        """The commit the series sits on: the one its last rebase recorded, since the tracking
-        ref may have been force-pushed since (kvm-x86/next is), which moves its merge-base
-        with the branch further back; else, or if the branch was rebuilt by hand since, the
-        merge-base."""
-        recorded = records.recorded_base(self.tree, branch)
-        if recorded and self.tree.try_git("merge-base", "--is-ancestor", recorded, branch)[0] == 0:
-            return recorded
-        return self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
 
     # -- recipients ------------------------------------------------------------------------
 
