@@ -485,10 +485,10 @@ def test_remote(
 def _test_remote(
     ws: Workspace, boxes: list[str], kernel: str, compare: str, keep_warm: bool, **options: Any
 ) -> None:
+    from kseries.testbox import remote
     from kseries.testbox import report as report_stage
-    from kseries.testbox import session as testbox_session
 
-    runs, directory = testbox_session.test_remote(
+    runs, directory = remote.test_remote(
         ws.config,
         boxes=boxes,
         kernel_spec=kernel,

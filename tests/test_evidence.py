@@ -27,7 +27,7 @@ from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import Rebase
 from kseries.send import Outbox, Postman, SendSettings
-from kseries.testbox import report, session
+from kseries.testbox import remote, report
 from kseries.testbox.kernel import Kernel
 from kseries.testbox.runner import TestResult
 from tests.conftest import Project, git, invoke, one_error
@@ -455,7 +455,7 @@ def test_the_real_chain_puts_its_own_report_in_the_cover_letter(
     letter carries what that run found. Nothing is mocked; no `invoke check` runs here (its
     record is covered above), so the section names no gates and the check warns. Warm: one
     incremental build of each kernel and two TCG boots."""
-    runs, directory = session.test_remote(
+    runs, directory = remote.test_remote(
         config,
         boxes=["local"],
         kernel_spec=str(series_kernel),
