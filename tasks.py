@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, Context, task
 
-from kseries.config import Config
 from kseries.core.files import output_dir
 from kseries.errors import ToolkitError
 from kseries.ui import confirm, console, edge, log, number
+from kseries.workspace import SERIES_HELP, Workspace
+
+if TYPE_CHECKING:
+    from kseries.build import Manifest
 
 TREE_HELP = "kernel tree to work in (default: tree.path from configs/, else the embedded 7.2 tree)"
 KEEP_WARM_HELP = (
@@ -25,6 +29,7 @@ KEEP_WARM_HELP = (
 
 @task(
     help={
+        "series": SERIES_HELP,
         "tree": TREE_HELP,
         "remote": "remote to fetch the base from (default: [base] remote, kvm-x86)",
         "branch": "branch of that remote to build on (default: [base] branch, next)",
@@ -42,19 +47,26 @@ def rebase(
     no_fetch: bool = False,
     continue_: bool = False,
     abort: bool = False,
+    series: str = "",
 ) -> None:
     """Put the series on the base branch as a fresh, versioned branch (git am -3)."""
-    from kseries import tree as tree_stage
+    _rebase(Workspace.open(series, tree, log), remote, branch, no_fetch, continue_, abort)
 
-    config = Config.load()
-    work = tree_stage.open_tree(config, tree, log=log)
+
+def _rebase(
+    ws: Workspace,
+    remote: str = "",
+    branch: str = "",
+    no_fetch: bool = False,
+    continue_: bool = False,
+    abort: bool = False,
+) -> None:
+    work = ws.work
     # A fresh run must find the tree clean: git's 90k lstat()s start now, behind the imports.
     clean = work.clean_check() if not (abort or continue_) else None
     from kseries import rebase as rebase_stage
-    from kseries import series as series_stage
 
-    series = series_stage.load(config)
-    runner = rebase_stage.Rebase(work, series, log=log)
+    runner = rebase_stage.Rebase(work, ws.series, log=log)
     if abort:
         runner.abort()
         return
@@ -62,8 +74,8 @@ def rebase(
         result = runner.resume()
     else:
         result = runner.start(
-            remote=remote or series.base.remote,
-            branch=branch or series.base.branch,
+            remote=remote or ws.series.base.remote,
+            branch=branch or ws.series.base.branch,
             fetch=not no_fetch,
             clean=clean,
         )
@@ -73,29 +85,32 @@ def rebase(
 
 
 @task(
-    help={"tree": TREE_HELP, "ref": "branch to export (default: the series branch, e.g. <name>-v2)"}
+    help={
+        "series": SERIES_HELP,
+        "tree": TREE_HELP,
+        "ref": "branch to export (default: the series branch, e.g. <name>-v2)",
+    }
 )
 @edge
-def export(c: Context, tree: str = "", ref: str = "") -> None:
+def export(c: Context, tree: str = "", ref: str = "", series: str = "") -> None:
     """Write the series branch's diffs back into patches/ (after resolving a conflict).
 
     A commit message edited on the branch is not exported (prose lives in templates/): it is
     shown as a diff against the rendered message, naming the template to change."""
     from kseries import changelog as changelog_stage
+    from kseries import records
     from kseries import series as series_stage
-    from kseries import tree as tree_stage
 
-    config = Config.load()
-    series = series_stage.load(config)
-    work = tree_stage.open_tree(config, tree, log=log)
-    ref = ref or series.branch
-    base = work.git("merge-base", ref, series.base.tracking_ref).strip()
-    exported = series_stage.export(work, series, ref, base)
+    ws = Workspace.open(series, tree, log)
+    chosen, work = ws.series, ws.work
+    ref = ref or chosen.branch
+    base = records.series_base(work, ref, chosen.base.tracking_ref)
+    exported = series_stage.export(work, chosen, ref, base)
     for path in exported.changed:
-        console.print(f"updated {path.relative_to(series.patches_dir.parent)}")
+        console.print(f"updated {path.relative_to(ws.config.project)}")
     if not exported.changed:
-        console.print("patches/ already matches " + ref)
-    edits = changelog_stage.Changelog(series).edits(work, exported.commits)
+        console.print(f"{chosen.patches_dir.relative_to(ws.config.project)}/ already matches {ref}")
+    edits = changelog_stage.Changelog(chosen).edits(work, exported.commits)
     for edit in edits:
         console.print(edit.diff, markup=False, highlight=False, soft_wrap=True)
     if edits:
@@ -107,17 +122,21 @@ def export(c: Context, tree: str = "", ref: str = "") -> None:
         )
 
 
-@task(help={"out": "write one file per message into this directory instead of stdout"})
+@task(
+    help={
+        "series": SERIES_HELP,
+        "out": "write one file per message into this directory instead of stdout",
+    }
+)
 @edge
-def changelog(c: Context, out: str = "") -> None:
+def changelog(c: Context, out: str = "", series: str = "") -> None:
     """Render every commit message and the cover letter from templates/, without git."""
     from kseries import changelog as changelog_stage
-    from kseries import series as series_stage
 
-    series = series_stage.load()
-    writer = changelog_stage.Changelog(series)
+    chosen = Workspace.open(series, log=log).series
+    writer = changelog_stage.Changelog(chosen)
     messages = {"0000-cover-letter": writer.cover_letter()}
-    messages |= {Path(p.template).stem: writer.message(p) for p in series.patches}
+    messages |= {Path(p.template).stem: writer.message(p) for p in chosen.patches}
     directory = output_dir(Path(out)) if out else None
     for name, message in messages.items():
         if directory:
@@ -128,18 +147,16 @@ def changelog(c: Context, out: str = "") -> None:
             console.print(str(message), markup=False, highlight=False, soft_wrap=True)
 
 
-@task(help={"tree": TREE_HELP})
+@task(help={"series": SERIES_HELP, "tree": TREE_HELP})
 @edge
-def prepare(c: Context, tree: str = "") -> None:
-    """Prepare the kernel tree (fetch and import the embedded default if none is configured)."""
-    from kseries import tree as tree_stage
-
-    work = tree_stage.open_tree(Config.load(), tree, log=log)
-    console.print(f"tree: {work.path}")
+def prepare(c: Context, tree: str = "", series: str = "") -> None:
+    """Prepare the series' tree (fetch and import the embedded default if none is configured)."""
+    console.print(f"tree: {Workspace.open(series, tree, log).work.path}")
 
 
 @task(
     help={
+        "series": SERIES_HELP,
         "tree": TREE_HELP,
         "boxes": "test boxes to boot the series on (default: local,local-legacy-tdp,local-shadow: "
         "KVM's TDP MMU, legacy TDP MMU and shadow MMU)",
@@ -158,30 +175,33 @@ def pipeline(
     no_compare: bool = False,
     no_check: bool = False,
     keep_warm: bool = False,
+    series: str = "",
 ) -> None:
     """The main job: rebase, check, build, test base vs series, mails (dry run), status.
 
-    The mails' dry run also shows the sent record a real send would write."""
-    from kseries import series as series_stage
-
-    base = series_stage.load().base
-    rebase(c, tree=tree)
+    The mails' dry run also shows the sent record a real send would write. The stages share
+    one workspace: configs/ is read once, the tree opened once."""
+    ws = Workspace.open(series, tree, log)
+    base = ws.series.base
+    _rebase(ws)
     if not no_check:
-        check(c, tree=tree)
-    build(c, tree=tree)
-    test_remote(
-        c,
-        boxes=boxes,
+        _check(ws)
+    manifest = _build(ws)
+    _test_remote(
+        ws,
+        boxes=_names([boxes]),
+        kernel=manifest.path,
         compare="" if no_compare else compare or f"{base.remote}/{base.branch}",
         keep_warm=keep_warm,
     )
-    send_series(c, tree=tree)
-    status(c, tree=tree)
+    _send_series(ws)
+    _status(ws)
 
 
 @task(
     iterable=["config"],
     help={
+        "series": SERIES_HELP,
         "tree": TREE_HELP,
         "out": "build directory, make's O= (default: per tree, under ~/.cache/kseries/build)",
         "config": "fragment from configs/ (NAME or NAME.config, or a path); repeat for more "
@@ -206,13 +226,11 @@ def build(
     target: str = "",
     distcc: str = "",
     verbose: bool = False,
+    series: str = "",
 ) -> None:
     """Build a kernel of the tree's checked-out branch from configs/ fragments (incremental)."""
-    from kseries import build as build_stage
-
-    manifest = build_stage.build(
-        Config.load(),
-        tree=tree,
+    _build(
+        Workspace.open(series, tree, log),
         out=out,
         fragments=config or (),
         base_config=base_config,
@@ -220,28 +238,35 @@ def build(
         target=target,
         distcc=distcc,
         verbose=verbose,
-        log=log,
-        console=console,
     )
+
+
+def _build(ws: Workspace, **options: Any) -> Manifest:
+    from kseries import build as build_stage
+
+    manifest = build_stage.build(ws.config, tree=ws.tree, log=log, console=console, **options)
     console.print(build_stage.summary(manifest), markup=False, highlight=False, soft_wrap=True)
+    return manifest
 
 
 @task(
     iterable=["gate"],
     help={
+        "series": SERIES_HELP,
         "tree": TREE_HELP,
         "gate": "run only this gate ([[check.gate]] in configs/toolkit.toml); repeat for more",
     },
 )
 @edge
-def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
+def check(c: Context, tree: str = "", gate: list[str] | None = None, series: str = "") -> None:
     """Build every commit of the series in each gate's config; fail on new warnings."""
-    from kseries import check as check_stage
-    from kseries.tree import open_tree
+    _check(Workspace.open(series, tree, log), _names(gate))
 
-    config = Config.load()
-    work = open_tree(config, tree, log)
-    results = check_stage.check(config, work, gates=_names(gate), log=log)
+
+def _check(ws: Workspace, gates: list[str] | None = None) -> None:
+    from kseries import check as check_stage
+
+    results = check_stage.check(ws.config, ws.series, ws.work, gates=gates or (), log=log)
     console.print(check_stage.table(results))
     for line in check_stage.details(results):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -251,6 +276,7 @@ def check(c: Context, tree: str = "", gate: list[str] | None = None) -> None:
 
 @task(
     help={
+        "series": SERIES_HELP,
         "tree": TREE_HELP,
         "out": "directory for the mails (default: out/<branch>/ in this project)",
         "dry_run": "write the mails and show what git send-email would do (the default; "
@@ -270,6 +296,7 @@ def send_series(
     send: bool = False,
     yes: bool = False,
     untested: bool = False,
+    series: str = "",
 ) -> None:
     """Format the series as mails, address and check them, then git send-email (dry run)."""
     if dry_run and send:
@@ -279,19 +306,20 @@ def send_series(
             "--send asks before sending, and there is no terminal to ask on",
             "run it in a terminal, or add --yes to send without asking (after a dry run)",
         )
+    _send_series(Workspace.open(series, tree, log), out, send, yes, untested)
+
+
+def _send_series(
+    ws: Workspace, out: str = "", send: bool = False, yes: bool = False, untested: bool = False
+) -> None:
     from kseries import send as send_stage
-    from kseries import series as series_stage
-    from kseries import tree as tree_stage
-    from kseries.paths import PROJECT
     from kseries.review import sent as sent_stage
 
-    config = Config.load()
-    series = series_stage.load(config)
-    work = tree_stage.open_tree(config, tree, log=log)
+    config, series, work = ws.config, ws.series, ws.work
     postman = send_stage.Postman(
         work, series, send_stage.SendSettings(config, series), testing=not untested
     )
-    outbox = postman.format(Path(out) if out else PROJECT / "out" / series.branch)
+    outbox = postman.format(Path(out) if out else config.project / "out" / series.branch)
     if not send:
         delivery = postman.rehearse(outbox)
         console.print(send_stage.report(outbox))
@@ -313,6 +341,7 @@ def send_series(
 
 @task(
     help={
+        "series": SERIES_HELP,
         "mbox": "read the replies from this mbox file instead of the archive",
         "url": "the public-inbox to read the thread from (default: [review] archive, lore)",
         "version": "the sent version whose replies to read (default: the newest sent)",
@@ -330,15 +359,16 @@ def trailers(
     version: str = "0",
     apply: bool = False,
     changed_too: bool = False,
+    series: str = "",
 ) -> None:
     """Collect Reviewed-by, Acked-by, Tested-by, ... from the replies to the sent version."""
-    from kseries import series as series_stage
     from kseries.review import replies as review
 
-    config = Config.load()
+    ws = Workspace.open(series, log=log)
+    config = ws.config
     found = review.collect(
         config,
-        series_stage.load(config),
+        ws.series,
         mbox=Path(mbox) if mbox else None,
         url=url,
         version=number("version", version, int, 0),
@@ -353,37 +383,32 @@ def trailers(
 
 @task(
     help={
+        "series": SERIES_HELP,
         "tree": TREE_HELP,
         "no_fetch": "use the remote-tracking ref as it is, without fetching",
     }
 )
 @edge
-def new_version(c: Context, tree: str = "", no_fetch: bool = False) -> None:
+def new_version(c: Context, tree: str = "", no_fetch: bool = False, series: str = "") -> None:
     """Start the next version of the sent series: bump it, rebase, range-diff against sent/."""
-    from kseries import tree as tree_stage
     from kseries.review import version as version_stage
 
-    config = Config.load()
-    done = version_stage.new_version(
-        config, tree_stage.open_tree(config, tree, log=log), fetch=not no_fetch, log=log
-    )
+    ws = Workspace.open(series, tree, log)
+    done = version_stage.new_version(ws.config, ws.work, fetch=not no_fetch, log=log)
     console.print(version_stage.summary(done), markup=False, highlight=False, soft_wrap=True)
 
 
-@task(help={"tree": TREE_HELP})
+@task(help={"series": SERIES_HELP, "tree": TREE_HELP})
 @edge
-def status(c: Context, tree: str = "") -> None:
+def status(c: Context, tree: str = "", series: str = "") -> None:
     """Where the series stands: version, what was sent, trailers, branch vs data, verdicts."""
-    from kseries import series as series_stage
-    from kseries import tree as tree_stage
+    _status(Workspace.open(series, tree, log))
+
+
+def _status(ws: Workspace) -> None:
     from kseries.review import status as status_stage
 
-    config = Config.load()
-    shown = status_stage.status(
-        series_stage.load(config),
-        tree_stage.open_tree(config, tree, log=log),
-        config.directory.parent / "out",
-    )
+    shown = status_stage.status(ws.series, ws.work, ws.config.project / "out")
     console.print(str(shown), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -407,6 +432,7 @@ def _names(values: list[str] | None) -> list[str]:
 @task(
     iterable=["box", "tests"],
     help={
+        "series": SERIES_HELP,
         "box": BOX_HELP + "; repeat for several boxes",
         "boxes": "several boxes, comma-separated (run in parallel)",
         "kernel": "bzImage or manifest.json to test (default: the last `invoke build`)",
@@ -438,15 +464,13 @@ def test_remote(
     trust_new_host: bool = False,
     out: str = "",
     keep_warm: bool = False,
+    series: str = "",
 ) -> None:
     """Boot the built kernel on test boxes, prove it is that build, run the tests, judge."""
-    from kseries.testbox import report as report_stage
-    from kseries.testbox import session as testbox_session
-
-    runs, directory = testbox_session.test_remote(
-        Config.load(),
+    _test_remote(
+        Workspace.open(series, log=log),
         boxes=_names(box) + _names([boxes]),
-        kernel_spec=kernel,
+        kernel=kernel,
         tests=_names(tests),
         compare=compare,
         cycles=number("cycles", cycles, int, 0),
@@ -454,8 +478,24 @@ def test_remote(
         trace=trace,
         trust_new_host=trust_new_host,
         out=out,
+        keep_warm=keep_warm,
+    )
+
+
+def _test_remote(
+    ws: Workspace, boxes: list[str], kernel: str, compare: str, keep_warm: bool, **options: Any
+) -> None:
+    from kseries.testbox import remote
+    from kseries.testbox import report as report_stage
+
+    runs, directory = remote.test_remote(
+        ws.config,
+        boxes=boxes,
+        kernel_spec=kernel,
+        compare=compare,
         keep_warm=keep_warm or None,
         log=log,
+        **options,
     )
     console.print(report_stage.table(runs))
     for soak in report_stage.soak_tables(runs):
@@ -468,9 +508,7 @@ def test_remote(
 
 
 def _local_boxes(box: str) -> list:
-    from kseries.testbox.box import TestboxConfig
-
-    settings = TestboxConfig.load(Config.load())
+    settings = Workspace.open(log=log).boxes
     if box:
         return [settings.box(box)]
     return [b for b in (settings.box(n) for n in settings.names()) if b.is_local_qemu]
@@ -488,10 +526,9 @@ def _local_boxes(box: str) -> list:
 def testbox_up(c: Context, box: str = "", kernel: str = "", restart: bool = False) -> None:
     """Start the local QEMU test box, wait for SSH and prove which kernel it runs."""
     from kseries.testbox import local as local_box
-    from kseries.testbox.box import TestboxConfig
 
     status = local_box.up(
-        TestboxConfig.load(Config.load()).box(box), kernel_spec=kernel, restart=restart, log=log
+        Workspace.open(log=log).boxes.box(box), kernel_spec=kernel, restart=restart, log=log
     )
     console.print("\n".join(status.lines()), markup=False, highlight=False, soft_wrap=True)
 
@@ -523,10 +560,9 @@ def testbox_status(c: Context, box: str = "") -> None:
 def testbox_console(c: Context, box: str = "", lines: str = "50") -> None:
     """Show the end of the local test box's serial console log."""
     from kseries.testbox import local as local_box
-    from kseries.testbox.box import TestboxConfig
 
     count = number("lines", lines, int, 1)
-    text = local_box.console(TestboxConfig.load(Config.load()).box(box), lines=count)
+    text = local_box.console(Workspace.open(log=log).boxes.box(box), lines=count)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -28,12 +27,13 @@ from rich.table import Table
 
 from kseries import build as build_stage
 from kseries import records
-from kseries.build import BuildConfig
+from kseries.build import WARNING, BuildConfig, BuildError
 from kseries.config import STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import cache_dir
+from kseries.paths import check_dir
+from kseries.series import Series
 
 Log = Callable[[str], None]
 CHECK = Keys(
@@ -52,10 +52,6 @@ CHECK = Keys(
         )
     }
 )
-WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
-# a compile in the log: kbuild's quiet "  CC  path" line, or the selftests' full gcc command
-COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
-
 
 @dataclass(frozen=True)
 class Gate:
@@ -107,7 +103,7 @@ class Gate:
 
 
 @dataclass
-class Result:
+class GateResult:
     """One commit through one gate."""
 
     gate: str
@@ -139,14 +135,14 @@ def warnings(log_text: str, tree: Path, build_dir: Path) -> set[str]:
     return found
 
 
-class Check:
+class SeriesCheck:
     """The series' commits (base..branch) through every gate."""
 
     def __init__(self, config: Config, tree: WorkTree, *, log: Log = print) -> None:
         self.config = config
         self.tree = tree
         self.log = log
-        self.root = cache_dir() / "check" / build_stage.tree_key(tree.path)
+        self.root = check_dir(tree.path)
         # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: ccache hits are shared
         self.worktree = self.root / "default-tree" / "linux"
 
@@ -158,14 +154,14 @@ class Check:
                     f"{self.tree.path}: no {ref}",
                     "run `invoke rebase` first (it makes the series branch on the base)",
                 )
-        base = self.tree.git("merge-base", base_ref, branch).strip()
+        base = records.series_base(self.tree, branch, base_ref)
         lines = self.tree.git("log", "--reverse", "--format=%H %s", f"{base}..{branch}")
         commits = [(x[:40], x[41:]) for x in lines.splitlines() if x]
         if not commits:
             raise ToolkitError(f"{branch} has no commits on top of {base_ref}", "invoke rebase")
         return base, commits
 
-    def run(self, gates: Sequence[Gate], base_ref: str, branch: str) -> list[Result]:
+    def run(self, gates: Sequence[Gate], base_ref: str, branch: str) -> list[GateResult]:
         base, commits = self.commits(base_ref, branch)
         self.root.mkdir(parents=True, exist_ok=True)
         with exclusive(
@@ -182,7 +178,7 @@ class Check:
         branch: str,
         base: str,
         commits: Sequence[tuple[str, str]],
-        results: Sequence[Result],
+        results: Sequence[GateResult],
     ) -> None:
         """Keep, per gate, which commits it built and which failed, for send's cover letter
         (records.check_record); the other gates' entries stay, so `--gate X` adds to them. A
@@ -204,7 +200,7 @@ class Check:
             }
         records.write(path, {"branch": branch, "gates": every})
 
-    def _gate(self, gate: Gate, base: str, commits: Sequence[tuple[str, str]]) -> list[Result]:
+    def _gate(self, gate: Gate, base: str, commits: Sequence[tuple[str, str]]) -> list[GateResult]:
         out = self.root / "build" / gate.name
         known = self._base_warnings(gate, base, out)
         results = []
@@ -252,10 +248,10 @@ class Check:
         )
         return made.warnings
 
-    def _build(self, gate: Gate, out: Path, sha: str, subject: str, known: set[str]) -> Result:
+    def _build(self, gate: Gate, out: Path, sha: str, subject: str, known: set[str]) -> GateResult:
         made = self._make(gate, out)
         new = sorted(made.warnings - known)
-        return Result(
+        return GateResult(
             gate.name,
             sha,
             subject,
@@ -280,15 +276,15 @@ class Check:
                 set_last=False,
                 log=lambda _: None,
             )
-            log_file = Path(manifest.log)
-            error = ""
-        except ToolkitError as e:
-            log_file, error = out / "kseries" / "build.log", e.message
-        text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+            printed, compiled, error = manifest.warnings, manifest.compiled, ""
+        except BuildError as e:  # what compiled before the error still counts
+            printed, compiled, error = list(e.warnings), e.compiled, e.message
+        except ToolkitError as e:  # refused before make ran, or make's own complaint
+            printed, compiled, error = [], 0, e.message
         return Made(
             error,
-            warnings(text, self.worktree, out),
-            sum(1 for line in text.splitlines() if COMPILE.match(line)),
+            warnings("\n".join(printed), self.worktree, out),
+            compiled,
             time.monotonic() - started,
         )
 
@@ -305,12 +301,14 @@ class Made:
 
 
 def check(
-    config: Config, tree: WorkTree, *, gates: Sequence[str] = (), log: Log = print
-) -> list[Result]:
+    config: Config,
+    series: Series,
+    tree: WorkTree,
+    *,
+    gates: Sequence[str] = (),
+    log: Log = print,
+) -> list[GateResult]:
     """Run the gates (all, or those named) over the series branch of `tree`."""
-    from kseries import series as series_stage
-
-    series = series_stage.load(config)
     chosen = Gate.load_all(config)
     if gates:
         unknown = sorted(set(gates) - {g.name for g in chosen})
@@ -321,10 +319,10 @@ def check(
             )
         chosen = [g for g in chosen if g.name in gates]
     base_ref = f"{series.base.remote}/{series.base.branch}"
-    return Check(config, tree, log=log).run(chosen, base_ref, series.branch)
+    return SeriesCheck(config, tree, log=log).run(chosen, base_ref, series.branch)
 
 
-def table(results: Sequence[Result]) -> Table:
+def table(results: Sequence[GateResult]) -> Table:
     """Rows: the commits, oldest first. Columns: the gates."""
     gates = list(dict.fromkeys(r.gate for r in results))
     grid = Table(title="check: every commit, every gate", title_justify="left")
@@ -349,7 +347,7 @@ def table(results: Sequence[Result]) -> Table:
     return grid
 
 
-def details(results: Sequence[Result]) -> list[str]:
+def details(results: Sequence[GateResult]) -> list[str]:
     lines = []
     for r in results:
         if r.error:

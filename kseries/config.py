@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ TABLES = {
     "testboxes.toml": ("testbox", "box", "test", "recipe"),
 }
 LOCAL = "local.toml"
+ALL_TABLES = tuple(name for tables in TABLES.values() for name in tables)  # local.toml's
 CONFIG_FILES = ("series.toml", "toolkit.toml", "review.toml", LOCAL)
 
 
@@ -61,6 +62,24 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def series_directory(home: Path, name: str) -> Path:
+    """The config directory of series `name`: configs/NAME/ if it holds a series.toml, else
+    configs/ itself when `name` is empty or the default series' own [series] name."""
+    if not name:
+        return home
+    if "/" not in name and name not in (".", "..") and (home / name / "series.toml").is_file():
+        return home / name
+    default = home / "series.toml"
+    own = read_toml(default).get("series", {}).get("name") if default.is_file() else None
+    if name == own:
+        return home
+    others = sorted(p.parent.name for p in home.glob("*/series.toml"))
+    raise ToolkitError(
+        f"--series {name}: no such series ({home / name / 'series.toml'} does not exist)",
+        f"series here: {', '.join([own or '(the default)', *others])}",
+    )
 
 
 # --- schemas ------------------------------------------------------------------------------------
@@ -267,27 +286,54 @@ class Where:
 
 @dataclass(frozen=True)
 class Config:
-    """The merged configuration, plus each file as read, so errors can name the file."""
+    """The merged configuration, plus each file as read, so errors can name the file.
+
+    A series is a config directory: the default series (the kernel's) is configs/ itself,
+    another series NAME is configs/NAME/ with its own series.toml, toolkit.toml, review.toml
+    and local.toml. The test boxes (testboxes.toml) are configs/'s, shared by every series."""
 
     data: dict[str, Any]
     directory: Path
     sources: tuple[Source, ...] = ()
+    home: Path | None = None  # configs/, when `directory` is another series' configs/NAME/
 
     @classmethod
-    def load(cls, directory: Path | None = None) -> Config:
-        directory = directory or config_dir()
+    def load(cls, directory: Path | None = None, series: str = "") -> Config:
+        """The configuration of `series` (a directory name under configs/, or the default
+        series' [series] name; empty: the default series)."""
+        home = directory or config_dir()
+        directory = series_directory(home, series)
         if not (directory / "series.toml").is_file():
             raise ToolkitError(
                 f"{directory / 'series.toml'}: no series definition",
                 "run from the project checkout or set KSERIES_CONFIG_DIR",
             )
-        every = tuple(name for tables in TABLES.values() for name in tables)
         sources = [
-            Source.read(directory / name, TABLES.get(name, every))
+            Source.read(directory / name, TABLES.get(name, ALL_TABLES))
             for name in CONFIG_FILES
             if (directory / name).is_file()
         ]
-        return cls.of(directory, sources)
+        return replace(cls.of(directory, sources), home=home if directory != home else None)
+
+    def reload(self) -> Config:
+        """The same series' configuration read again (after a stage edited its files)."""
+        return Config.load(self.configs, self.series_key)
+
+    @property
+    def configs(self) -> Path:
+        """The project's configs/ directory (the default series', and the boxes')."""
+        return self.home or self.directory
+
+    @property
+    def project(self) -> Path:
+        """The project checkout: configs/, patches/, templates/, out/."""
+        return self.configs.parent
+
+    @property
+    def series_key(self) -> str:
+        """The series' directory under configs/ ("" for the default series): its patches and
+        templates are patches/KEY/ and templates/KEY/."""
+        return "" if self.home is None else self.directory.relative_to(self.home).as_posix()
 
     @classmethod
     def of(cls, directory: Path, sources: list[Source]) -> Config:

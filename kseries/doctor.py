@@ -72,8 +72,15 @@ GIT_ENV = {
 # The Perl modules checkpatch.pl and get_maintainer.pl use (7.2's scripts/); the Python
 # modules of checkpatch's SPDX check (scripts/spdxcheck.py) are checked apart.
 KERNEL_PERL = (
-    "Cwd", "Encode", "File::Basename", "File::Find", "File::Spec::Functions", "Getopt::Long",
-    "JSON::PP", "POSIX", "Term::ANSIColor",
+    "Cwd",
+    "Encode",
+    "File::Basename",
+    "File::Find",
+    "File::Spec::Functions",
+    "Getopt::Long",
+    "JSON::PP",
+    "POSIX",
+    "Term::ANSIColor",
 )
 
 
@@ -85,7 +92,7 @@ QEMU_LIBRARIES = tuple(
 
 
 @dataclass(frozen=True)
-class Check:
+class Probe:
     """One tool, run for real. `argv` runs in a fresh scratch directory of its own (relative
     paths are files there); "{dir}" in argv and env values is that directory's path."""
 
@@ -112,104 +119,111 @@ def _dynamic(name: str) -> str:
     return f"{name} (copied into the test box with its libraries) runs"
 
 
-CHECKS: tuple[Check, ...] = (
-    Check("git runs", ("git", "--version"), ("git",)),
-    Check(
+CHECKS: tuple[Probe, ...] = (
+    Probe("git runs", ("git", "--version"), ("git",)),
+    Probe(
         "git send-email dry-runs a mail with To: and Cc: (Perl's Mail::Address)",
         (
-            "git", "send-email", "--dry-run", "--quiet", "--confirm=never", "--suppress-cc=all",
-            "--from=Doctor <doctor@example.org>", "--to=one@example.org",
-            "--smtp-server=/bin/false", "mail.patch",
+            "git",
+            "send-email",
+            "--dry-run",
+            "--quiet",
+            "--confirm=never",
+            "--suppress-cc=all",
+            "--from=Doctor <doctor@example.org>",
+            "--to=one@example.org",
+            "--smtp-server=/bin/false",
+            "mail.patch",
         ),
         ("git-send-email", "perl:Mail::Address"),
         files={"mail.patch": MAIL},
         env=GIT_ENV,
         expect="Dry-Sent",
     ),
-    Check("perl loads Mail::Address", ("perl", "-MMail::Address", "-e1"), ("perl:Mail::Address",)),
-    Check(
+    Probe("perl loads Mail::Address", ("perl", "-MMail::Address", "-e1"), ("perl:Mail::Address",)),
+    Probe(
         "perl loads checkpatch.pl's and get_maintainer.pl's modules",
         ("perl", *(f"-M{m}" for m in KERNEL_PERL), "-e1"),
         ("perl",),
     ),
-    Check(
+    Probe(
         "python3 imports ply (checkpatch.pl's SPDX check)",
         ("/usr/bin/python3", "-c", "import ply.lex, ply.yacc"),
         ("python3:ply",),
     ),
-    Check(
+    Probe(
         "python3 imports git (checkpatch.pl's SPDX check)",
         ("/usr/bin/python3", "-c", "import git"),
         ("python3:git",),
     ),
-    Check(
+    Probe(
         "gcc compiles and links a C program",
         ("gcc", "-o", "hello", "hello.c"),
         ("gcc",),
         files={"hello.c": HELLO_C},
     ),
-    Check(
+    Probe(
         "libelf: <gelf.h> compiles, -lelf links (objtool)",
         ("gcc", "-o", "elf", "elf.c", "-lelf"),
         ("gelf.h",),
         files={"elf.c": GELF_C},
     ),
-    Check(
+    Probe(
         "openssl: <openssl/opensslv.h> compiles, -lcrypto links (sign-file, extract-cert)",
         ("gcc", "-o", "ssl", "ssl.c", "-lcrypto"),
         ("openssl/opensslv.h",),
         files={"ssl.c": OPENSSL_C},
     ),
-    Check(
+    Probe(
         "make runs a Makefile",
         ("make", "-s", "-f", "Makefile"),
         ("make",),
         files={"Makefile": "all:\n\t@echo made\n"},
         expect="made",
     ),
-    Check(
+    Probe(
         "flex generates a scanner",
         ("flex", "-o", "scan.c", "scan.l"),
         ("flex",),
         files={"scan.l": "%option noyywrap\n%%\n"},
     ),
-    Check(
+    Probe(
         "bison generates a parser",
         ("bison", "-o", "parse.c", "parse.y"),
         ("bison",),
         files={"parse.y": "%%\nstart: %empty ;\n"},
     ),
-    Check("bc computes", ("bc", "-q"), ("bc",), input="2^10\n", expect="1024"),
-    Check("cpio runs", ("cpio", "--version"), ("cpio",)),
-    Check(
+    Probe("bc computes", ("bc", "-q"), ("bc",), input="2^10\n", expect="1024"),
+    Probe("cpio runs", ("cpio", "--version"), ("cpio",)),
+    Probe(
         "rsync copies a file (make headers_install)",
         ("rsync", "-a", "file", "copy"),
         ("rsync",),
         files={"file": "x\n"},
     ),
-    Check("xz runs (the kernel source tarball)", ("xz", "--version"), ("xz",)),
-    Check("dpkg-deb runs (the kernel source package)", ("dpkg-deb", "--version"), ("dpkg-deb",)),
-    Check(
+    Probe("xz runs (the kernel source tarball)", ("xz", "--version"), ("xz",)),
+    Probe("dpkg-deb runs (the kernel source package)", ("dpkg-deb", "--version"), ("dpkg-deb",)),
+    Probe(
         "ccache compiles through gcc",
         ("ccache", "gcc", "-c", "-o", "hello.o", "hello.c"),
         ("ccache",),
         files={"hello.c": HELLO_C},
         env={"CCACHE_DIR": "{dir}/ccache"},
     ),
-    Check(
+    Probe(
         "distcc compiles through gcc (DISTCC_HOSTS=localhost)",
         ("distcc", "gcc", "-c", "-o", "hello.o", "hello.c"),
         ("distcc",),
         files={"hello.c": HELLO_C},
         env={"DISTCC_HOSTS": "localhost", "DISTCC_DIR": "{dir}"},
     ),
-    Check("qemu-system-x86_64 runs", ("qemu-system-x86_64", "--version"), ("qemu-system-x86_64",)),
+    Probe("qemu-system-x86_64 runs", ("qemu-system-x86_64", "--version"), ("qemu-system-x86_64",)),
     # The QEMU series (configs/qemu): its default tree, and its static build's tools and libraries
-    Check(
+    Probe(
         "dpkg-source runs (the QEMU source package)", ("dpkg-source", "--version"), ("dpkg-source",)
     ),
-    Check("ninja runs (the QEMU build)", ("ninja", "--version"), ("ninja",)),
-    Check(
+    Probe("ninja runs (the QEMU build)", ("ninja", "--version"), ("ninja",)),
+    Probe(
         "meson >= 1.5 imports in the toolkit's python (QEMU's configure)",
         (
             sys.executable,
@@ -219,38 +233,38 @@ CHECKS: tuple[Check, ...] = (
         ),
         (),
     ),
-    Check(
+    Probe(
         "pkg-config --static finds the static QEMU's libraries",
         ("pkg-config", "--static", "--exists", *(n[3:] for n in QEMU_LIBRARIES)),
         ("pkg-config", *QEMU_LIBRARIES),
     ),
-    Check(
+    Probe(
         f"{BUSYBOX} is static and lists its applets (the test box's userspace)",
         (BUSYBOX, "--list-full"),
         ("busybox",),
         static=True,
     ),
     *(
-        Check(
+        Probe(
             _dynamic(program),
             (program, "-V" if Path(program).name == "dropbear" else "--version"),
             (Path(program).name,),
         )
         for program in PROGRAMS
     ),
-    Check(
+    Probe(
         "dropbearkey generates the box's host key",
         ("dropbearkey", "-t", "ed25519", "-f", "host_key"),
         ("dropbearkey",),
     ),
-    Check(
+    Probe(
         "ssh-keygen generates a key (stdin closed)",
         ("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "doctor", "-f", "id_ed25519"),
         ("ssh-keygen",),
     ),
-    Check("ssh runs", ("ssh", "-V"), ("ssh",)),
+    Probe("ssh runs", ("ssh", "-V"), ("ssh",)),
     # tests/test_review.py: the maintainer's end of the review loop, a real list archive
-    Check(
+    Probe(
         "public-inbox-init makes a v2 inbox",
         (
             "public-inbox-init",
@@ -264,7 +278,7 @@ CHECKS: tuple[Check, ...] = (
         env={"PI_CONFIG": "{dir}/config", "HOME": "{dir}"},
     ),
     *(
-        Check(
+        Probe(
             f"{tool} compiles with its modules ({what})",
             ("perl", "-c", f"/usr/bin/{tool}"),
             (tool,),
@@ -278,8 +292,8 @@ CHECKS: tuple[Check, ...] = (
 
 
 @dataclass(frozen=True)
-class Result:
-    check: Check
+class ProbeResult:
+    check: Probe
     ok: bool
     detail: str  # on success the tool's version, if it was asked; on failure the reason
     fix: str = ""  # on failure: the package to install
@@ -287,8 +301,8 @@ class Result:
 
 
 def diagnose(
-    checks: tuple[Check, ...] = CHECKS, env: Mapping[str, str] | None = None
-) -> list[Result]:
+    checks: tuple[Probe, ...] = CHECKS, env: Mapping[str, str] | None = None
+) -> list[ProbeResult]:
     """Run every check (in parallel) and return their results in the table's order."""
     base = dict(os.environ if env is None else env)
     with tempfile.TemporaryDirectory(prefix="kseries-doctor-") as scratch:
@@ -301,10 +315,10 @@ def diagnose(
             return list(pool.map(lambda c, d: _run(c, d, base), checks, directories))
 
 
-def _run(check: Check, directory: Path, base: Mapping[str, str]) -> Result:
-    def result(ok: bool, detail: str, packages: tuple[str, ...] = ()) -> Result:
+def _run(check: Probe, directory: Path, base: Mapping[str, str]) -> ProbeResult:
+    def result(ok: bool, detail: str, packages: tuple[str, ...] = ()) -> ProbeResult:
         fix = INSTALL_HINT.format(package=" ".join(packages)) if packages else ""
-        return Result(check, ok, detail, fix, packages)
+        return ProbeResult(check, ok, detail, fix, packages)
 
     def fill(text: str) -> str:
         return text.replace("{dir}", str(directory))
@@ -365,7 +379,7 @@ def _is_static(path: str) -> bool:
     )
 
 
-def lines(results: list[Result]) -> list[str]:
+def lines(results: list[ProbeResult]) -> list[str]:
     """Plain output: one line per check, a failure with its fix."""
     out = []
     for r in results:
@@ -376,7 +390,7 @@ def lines(results: list[Result]) -> list[str]:
     return out
 
 
-def table(results: list[Result]) -> Table:
+def table(results: list[ProbeResult]) -> Table:
     from rich.markup import escape
     from rich.table import Table
 
@@ -393,7 +407,7 @@ def table(results: list[Result]) -> Table:
     return grid
 
 
-def verdict(results: list[Result], seconds: float) -> str:
+def verdict(results: list[ProbeResult], seconds: float) -> str:
     """The summary line; raises ToolkitError (with every package to install) on a failure."""
     failed = [r for r in results if not r.ok]
     if failed:

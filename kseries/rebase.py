@@ -35,7 +35,7 @@ Log = Callable[[str], None]
 
 
 @dataclass
-class State:
+class RebaseProgress:
     """How the tree was before the run, and what the run has changed so far."""
 
     branch: str
@@ -52,7 +52,7 @@ class State:
         return records.rebase_state(tree)
 
     @classmethod
-    def load(cls, tree: WorkTree) -> State | None:
+    def load(cls, tree: WorkTree) -> RebaseProgress | None:
         """The stopped run's state; None when no run is stopped. An unreadable file (cut short
         by a full disk, edited by hand) is an error that points at --abort, never a traceback."""
         path = cls.path(tree)
@@ -76,14 +76,13 @@ class UnreadableState(ToolkitError):
     def __init__(self, path: Path, problem: Exception) -> None:
         super().__init__(
             f"{path}: the stopped rebase's state is unreadable ({problem})",
-            "invoke rebase --abort (it undoes the am; the previous tip is kept under "
-            f"{ATTEMPTS}/)",
+            f"invoke rebase --abort (it undoes the am; the previous tip is kept under {ATTEMPTS}/)",
         )
         self.path = path
 
 
 @dataclass
-class Result:
+class Rebased:
     """What a finished rebase made; also written as .git/kseries/<branch>.json."""
 
     branch: str
@@ -155,7 +154,7 @@ class Rebase:
 
     def start(
         self, *, remote: str, branch: str, fetch: bool = True, clean: CleanCheck | None = None
-    ) -> Result:
+    ) -> Rebased:
         """A fresh run. `clean`: the tree's clean check, if the caller started it already (a
         failure before it is answered cancels it)."""
         started = time.monotonic()
@@ -169,11 +168,11 @@ class Rebase:
 
     def _start(
         self, remote: str, branch: str, fetch: bool, clean: CleanCheck, started: float
-    ) -> Result:
+    ) -> Rebased:
         changelog = Changelog(self.series)
         messages = changelog.messages()  # renders and checks every trailer before git runs
         cover = changelog.cover_letter()
-        if State.load(self.tree):
+        if RebaseProgress.load(self.tree):
             raise ToolkitError(
                 f"{self.tree.path}: a kseries rebase is already in progress",
                 "invoke rebase --continue, or invoke rebase --abort",
@@ -193,7 +192,7 @@ class Rebase:
         target = self.series.branch
         self._require_not_checked_out_elsewhere(target)
         old_tip = self.tree.rev(f"refs/heads/{target}")
-        state = State(
+        state = RebaseProgress(
             branch=target,
             base=base,
             original_head=self.tree.head(),
@@ -222,7 +221,7 @@ class Rebase:
 
     # -- continue and abort ----------------------------------------------------------------
 
-    def resume(self) -> Result:
+    def resume(self) -> Rebased:
         started = time.monotonic()
         with self._exclusive():
             state = self._state()
@@ -240,7 +239,7 @@ class Rebase:
                 return
             self._abort(state)
 
-    def _abort(self, state: State) -> None:
+    def _abort(self, state: RebaseProgress) -> None:
         if self.tree.git_path("rebase-apply").exists():
             self.tree.git("am", "--abort")
         # The run began on a clean tree, so whatever the merge left behind is ours to drop.
@@ -285,8 +284,7 @@ class Rebase:
         with try_exclusive(lock) as mine:
             if not mine:
                 raise ToolkitError(
-                    f"another kseries rebase is running on {self.tree.path} "
-                    f"(pid {_holder(lock)})",
+                    f"another kseries rebase is running on {self.tree.path} (pid {_holder(lock)})",
                     "wait for it to finish; this run changed nothing",
                 )
             lock.write_text(f"{os.getpid()}\n")
@@ -333,8 +331,8 @@ class Rebase:
                 f"git -C {self.tree.path} remote add {remote} {self.series.base.url}",
             )
 
-    def _state(self) -> State:
-        state = State.load(self.tree)
+    def _state(self) -> RebaseProgress:
+        state = RebaseProgress.load(self.tree)
         if state is None:
             raise ToolkitError(
                 f"{self.tree.path}: no kseries rebase in progress", "start one with: invoke rebase"
@@ -395,7 +393,7 @@ class Rebase:
         except (OSError, ToolkitError):
             return None
 
-    def _finish(self, state: State, cover: Message, started: float) -> Result:
+    def _finish(self, state: RebaseProgress, cover: Message, started: float) -> Rebased:
         """Check what git made, describe the branch, compare with the last attempt."""
         log = self.tree.git(
             "log",
@@ -432,7 +430,7 @@ class Rebase:
                 f"{old_base}..{state.old_tip}",
                 f"{state.base}..{state.branch}",
             )
-        result = Result(
+        result = Rebased(
             branch=state.branch,
             base=state.base,
             base_describe=self.tree.git("describe", "--tags", "--always", state.base).strip(),
@@ -459,7 +457,7 @@ def _holder(lock: Path) -> str:
     return "unknown"
 
 
-def summary(result: Result) -> str:
+def summary(result: Rebased) -> str:
     """The rebase's summary: base, each new commit, where the last attempt went, time."""
     lines = [
         f"{result.branch}: {len(result.commits)} commits on {result.base[:12]} "

@@ -84,6 +84,17 @@ def recorded_base(tree: WorkTree, branch: str) -> str | None:
     return base
 
 
+def series_base(tree: WorkTree, branch: str, upstream: str) -> str:
+    """The commit the series on `branch` sits on: the one its last rebase recorded, since the
+    upstream ref may have been force-pushed since (kvm-x86/next is), which moves its
+    merge-base with the branch further back; else, or if the branch was rebuilt by hand
+    since, the merge-base with `upstream`."""
+    recorded = recorded_base(tree, branch)
+    if recorded and tree.try_git("merge-base", "--is-ancestor", recorded, branch)[0] == 0:
+        return recorded
+    return tree.git("merge-base", branch, upstream).strip()
+
+
 def remember_test_report(
     tree: WorkTree, kernel: dict[str, Any], report: Path, local_qemu: list[str]
 ) -> None:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,26 +52,109 @@ UNKNOWN_COMMIT_ID = "WARNING:UNKNOWN_COMMIT_ID:"
 
 @dataclass
 class Mail:
-    """One file format-patch wrote, and who it goes to."""
+    """One file format-patch wrote, read once: every check shares its parsed parts (headers,
+    changelog, trailers, touched paths); and who it goes to."""
 
     path: Path
-    subject: str
-    message_id: str
+    raw: bytes  # the file as it is (with To:/Cc: once addressed)
     to: list[str] = field(default_factory=list)
     cc: list[str] = field(default_factory=list)
 
+    @classmethod
+    def read(cls, path: Path) -> Mail:
+        return cls(path, path.read_bytes())
+
+    @cached_property
+    def message(self) -> EmailMessage:
+        """Parsed from bytes, so the 8-bit UTF-8 body decodes by its charset, not as ASCII."""
+        return cast(EmailMessage, email.message_from_bytes(self.raw, policy=POLICY))
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode(errors="replace")
+
     @property
     def size(self) -> int:
-        return self.path.stat().st_size
+        return len(self.raw)
+
+    @cached_property
+    def subject(self) -> str:
+        return " ".join(str(self.message["Subject"]).split())
+
+    @cached_property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"]).strip("<>")
 
     @property
     def shortlog(self) -> str:
         """The subject without its [PATCH v2 n/N] tags: what git log shows."""
         return self.subject.split("] ", 1)[-1]
 
+    @cached_property
+    def author(self) -> str:
+        """From:, decoded from RFC 2047, as git mailinfo sees it."""
+        return str(self.message["From"])
+
+    @cached_property
+    def changelog(self) -> str:
+        """The commit message body, trailers included: what comes before its ---."""
+        return self.message.get_content().split("\n---\n", 1)[0]
+
+    @property
+    def prose(self) -> str:
+        """The changelog without the trailer block, its last paragraph."""
+        return "\n\n".join(self.changelog.strip().split("\n\n")[:-1])
+
+    @cached_property
+    def trailer_block(self) -> list[trailers.Trailer]:
+        """The trailers git interpret-trailers sees in the changelog (one run per mail)."""
+        return trailers.parse(self.changelog)
+
+    @cached_property
+    def touched(self) -> list[str]:
+        """The paths the patch reads or writes, from its `diff --git a/X b/Y` lines."""
+        return [
+            side[2:]
+            for line in self.text.splitlines()
+            if line.startswith("diff --git a/")
+            for side in line[len("diff --git ") :].split(" ")
+        ]
+
+    def key(self, *extra: str) -> str:
+        """The mail's identity for caching: its diff and message, not its date, Message-ID
+        or recipients."""
+        text = self.text
+        body = text.split("\n\n", 1)[1] if "\n\n" in text else text
+        return hashlib.sha256("\0".join((body, *extra)).encode()).hexdigest()
+
+    def address(self, to: list[str], cc: list[str]) -> None:
+        """Put To:/Cc: headers into the file, right after Subject:, replacing any there.
+
+        The email package writes them: names quoted where RFC 5322 needs it, non-ASCII ones
+        as RFC 2047 encoded words, long lists folded; the rest of the file is left byte for
+        byte. Nothing parsed before depends on the recipients."""
+        self.to, self.cc = to, cc
+        head, sep, rest = self.text.partition("\n\n")
+        fields: list[str] = []  # one header each, with its continuation lines
+        for line in head.split("\n"):
+            if line[:1] in (" ", "\t") and fields:
+                fields[-1] += "\n" + line
+            else:
+                fields.append(line)
+        fields = [f for f in fields if not f.lower().startswith(("to:", "cc:"))]
+        at = next(i for i, f in enumerate(fields) if f.lower().startswith("subject:")) + 1
+        extra = [
+            POLICY.header_factory(key, ", ".join(values)).fold(policy=POLICY).rstrip("\n")
+            for key, values in (("To", to), ("Cc", cc))
+            if values
+        ]
+        self.raw = ("\n".join(fields[:at] + extra + fields[at:]) + sep + rest).encode()
+        self.__dict__.pop("message", None)
+        write_atomic(self.path, self.raw)
+
 
 @dataclass
-class Check:
+class MailCheck:
     name: str
     ok: bool
     detail: str = ""
@@ -85,11 +169,11 @@ class Outbox:
     base: str
     directory: Path
     mails: list[Mail]
-    checks: list[Check] = field(default_factory=list)
+    checks: list[MailCheck] = field(default_factory=list)
     testing: evidence.Testing | None = None  # the cover letter's Testing section, if it has one
 
     @property
-    def failed(self) -> list[Check]:
+    def failed(self) -> list[MailCheck]:
         return [c for c in self.checks if not c.ok]
 
 
@@ -204,13 +288,6 @@ def _cache(tree: WorkTree, kind: str, key: str) -> Path:
     return path
 
 
-def _patch_key(path: Path, *extra: str) -> str:
-    """A mail's identity for caching: its diff and message, not its date or Message-ID."""
-    text = path.read_text()
-    body = text.split("\n\n", 1)[1] if "\n\n" in text else text
-    return hashlib.sha256("\0".join((body, *extra)).encode()).hexdigest()
-
-
 class Postman:
     """Formats, addresses, checks and sends one series from one tree."""
 
@@ -234,7 +311,7 @@ class Postman:
             )
         if self.tree.rev(f"refs/heads/{branch}") is None:
             raise ToolkitError(f"{self.tree.path}: no branch {branch}", "run `invoke rebase` first")
-        base = self._base(branch)
+        base = records.series_base(self.tree, branch, self.series.base.tracking_ref)
         testing = evidence.prepare(self.tree, self.series) if self.testing else None
         out = _claim(out, self.series)
         # v1 goes out unnumbered, [PATCH n/N], as the kernel's first postings do
@@ -254,28 +331,13 @@ class Postman:
             env=self.series.committer_env,  # Message-IDs in the submitter's domain
         ).splitlines()
         _stamp(out, self.series, [Path(name).name for name in files])
-        mails = []
-        for name in files:
-            path = Path(name) if Path(name).is_absolute() else self.tree.path / name
-            headers = _read_mail(path)
-            subject = " ".join(str(headers["Subject"]).split())
-            mails.append(Mail(path, subject, str(headers["Message-ID"]).strip("<>")))
-        outbox = Outbox(branch, base, out, mails, testing=testing)
+        paths = [Path(n) if Path(n).is_absolute() else self.tree.path / n for n in files]
         if testing:
-            testing.splice(mails[0].path)
-        sent_stage.stamp_change_id(mails[0].path, self.series.change_id)
+            testing.splice(paths[0])
+        sent_stage.stamp_change_id(paths[0], self.series.change_id)
+        outbox = Outbox(branch, base, out, [Mail.read(path) for path in paths], testing=testing)
         self._address(outbox)
         return outbox
-
-    def _base(self, branch: str) -> str:
-        """The commit the series sits on: the one its last rebase recorded, since the tracking
-        ref may have been force-pushed since (kvm-x86/next is), which moves its merge-base
-        with the branch further back; else, or if the branch was rebuilt by hand since, the
-        merge-base."""
-        recorded = records.recorded_base(self.tree, branch)
-        if recorded and self.tree.try_git("merge-base", "--is-ancestor", recorded, branch)[0] == 0:
-            return recorded
-        return self.tree.git("merge-base", branch, self.series.base.tracking_ref).strip()
 
     # -- recipients ------------------------------------------------------------------------
 
@@ -290,21 +352,17 @@ class Postman:
             found = list(pool.map(self._maintainers, patches))
         every: list[str] = []
         for mail, maintainers in zip(patches, found, strict=True):
-            people = [
-                t.value for t in self._trailers(mail.path)[1] if t.key in trailers.IDENTITY_KEYS
-            ]
-            mail.to = to
-            mail.cc = _dedupe([*people, *maintainers, *self.settings.cc], drop, mail.path.name)
-            every += mail.cc
-        outbox.mails[0].to = to
-        outbox.mails[0].cc = _dedupe(every, drop, outbox.mails[0].path.name)
-        for mail in outbox.mails:
-            _write_recipients(mail)
+            people = [t.value for t in mail.trailer_block if t.key in trailers.IDENTITY_KEYS]
+            cc = _dedupe([*people, *maintainers, *self.settings.cc], drop, mail.path.name)
+            mail.address(to, cc)
+            every += cc
+        cover = outbox.mails[0]
+        cover.address(to, _dedupe(every, drop, cover.path.name))
 
     def _maintainers(self, mail: Mail) -> list[str]:
         if not self.settings.get_maintainer:
             return []
-        cache = _cache(self.tree, "get_maintainer", _patch_key(mail.path))
+        cache = _cache(self.tree, "get_maintainer", mail.key())
         if cache.exists():
             return json.loads(cache.read_text())
         result = run(
@@ -332,15 +390,9 @@ class Postman:
         write_atomic(cache, json.dumps(found))
         return found
 
-    @staticmethod
-    def _trailers(path: Path) -> tuple[str, list[trailers.Trailer]]:
-        """(From author, trailers) of a patch mail, as git mailinfo and interpret-trailers see:
-        the From: decoded from RFC 2047, the body from its charset."""
-        return str(_read_mail(path)["From"]), trailers.parse(_changelog(path))
-
     # -- checks ----------------------------------------------------------------------------
 
-    def check(self, outbox: Outbox, *, sending: bool) -> list[Check]:
+    def check(self, outbox: Outbox, *, sending: bool) -> list[MailCheck]:
         """Every pre-send check; the outbox keeps the results."""
         patches = outbox.mails[1:]
         # No history before the base (the embedded default tree is one imported commit):
@@ -357,7 +409,7 @@ class Postman:
             self._trailer_rules(patches),
             self._applies(outbox),
             self._evidence(outbox),
-            Check(
+            MailCheck(
                 " ".join(["checkpatch", *self.settings.checkpatch_options]),
                 all(c.ok for c in checkpatch),
                 "; ".join(c.detail for c in checkpatch if c.detail),
@@ -367,34 +419,34 @@ class Postman:
         ]
         return outbox.checks
 
-    def _evidence(self, outbox: Outbox) -> Check:
+    def _evidence(self, outbox: Outbox) -> MailCheck:
         """The test report the Testing section came from: a failed series run or check gate
         fails (it would be mailed as evidence); what the report lacks only warns."""
         if outbox.testing is None:
-            return Check("test evidence", True, "no Testing section (--untested)", warn=True)
-        return Check("test evidence", *outbox.testing.evidence.verdict())
+            return MailCheck("test evidence", True, "no Testing section (--untested)", warn=True)
+        return MailCheck("test evidence", *outbox.testing.evidence.verdict())
 
-    def _review_checks(self, outbox: Outbox, sending: bool) -> list[Check]:
+    def _review_checks(self, outbox: Outbox, sending: bool) -> list[MailCheck]:
         """The review loop's: a version goes out once, and from v2 on the cover letter names
         every patch changed since the version before (kseries.review.sent)."""
         verdicts = [
             sent_stage.not_sent_before(self.tree, self.series, sending=sending),
             sent_stage.changes_named(
-                self.tree, self.series, outbox.base, _read_mail(outbox.mails[0].path).get_content()
+                self.tree, self.series, outbox.base, outbox.mails[0].message.get_content()
             ),
         ]
-        return [Check(*v) for v in verdicts if v is not None]
+        return [MailCheck(*v) for v in verdicts if v is not None]
 
-    def _sender(self, sending: bool) -> Check:
+    def _sender(self, sending: bool) -> MailCheck:
         """The From: is the configured submitter; a real send also needs an SMTP server."""
         who = self.series.submitter.ident
         if not sending:
-            return Check("sender identity", True, who)
+            return MailCheck("sender identity", True, who)
         server = (
             self.settings.smtp.get("server")
             or self.tree.try_git("config", "sendemail.smtpServer")[1].strip()
         )
-        return Check(
+        return MailCheck(
             "sender identity",
             bool(server),
             f"{who} via {server}"
@@ -402,7 +454,7 @@ class Postman:
             else f"{who}: no SMTP server ([send.smtp] server or git config sendemail.smtpServer)",
         )
 
-    def _numbering(self, outbox: Outbox) -> Check:
+    def _numbering(self, outbox: Outbox) -> MailCheck:
         total = len(outbox.mails) - 1
         prefix = self.series.subject_prefix
         wrong = [
@@ -410,10 +462,10 @@ class Postman:
             for n, m in enumerate(outbox.mails)
             if not m.subject.startswith(f"[{prefix} {n}/{total}] ")
         ]
-        return Check(f"subjects numbered [{prefix} n/{total}]", not wrong, "; ".join(wrong))
+        return MailCheck(f"subjects numbered [{prefix} n/{total}]", not wrong, "; ".join(wrong))
 
     @staticmethod
-    def _subject_lengths(outbox: Outbox) -> Check:
+    def _subject_lengths(outbox: Outbox) -> MailCheck:
         """Over the firm limit only warns (maintainer-kvm-x86.rst lets a shortlog "run a few
         characters over"); over the hard one the changelog rules fail."""
         limit = style.SUBJECT_LIMIT
@@ -422,23 +474,25 @@ class Postman:
             for m in outbox.mails
             if len(m.shortlog) > limit
         ]
-        return Check(f"subjects at most {limit} characters", True, "; ".join(long), warn=bool(long))
+        return MailCheck(
+            f"subjects at most {limit} characters", True, "; ".join(long), warn=bool(long)
+        )
 
     @staticmethod
-    def _placeholders(outbox: Outbox) -> Check:
+    def _placeholders(outbox: Outbox) -> MailCheck:
         left = [
             f"{m.path.name}: {p}"
             for m in outbox.mails
             for p in PLACEHOLDERS
-            if p in m.path.read_text()
+            if p in m.text
         ]
-        return Check(
+        return MailCheck(
             "no template placeholders",
             not left,
             "; ".join(left) + (" (run `invoke rebase` to set the cover letter)" if left else ""),
         )
 
-    def _changelog_rules(self, outbox: Outbox) -> Check:
+    def _changelog_rules(self, outbox: Outbox) -> MailCheck:
         """The changelog rules on the mails as they will be read (a commit amended by hand
         included): the cover letter's subject, and each patch's subject and body."""
         prefixes = self.series.shortlog_prefixes
@@ -450,36 +504,35 @@ class Postman:
                 template = f" ({templates[n]})" if n < len(templates) else ""
                 style.check_commit(
                     mail.shortlog,
-                    _prose(mail.path),
+                    mail.prose,
                     prefixes=prefixes,
                     where=f"{mail.path.name}{template}",
                 )
         except style.ChangelogRuleError as e:
-            return Check("changelog rules", False, e.message)
-        return Check("changelog rules", True)
+            return MailCheck("changelog rules", False, e.message)
+        return MailCheck("changelog rules", True)
 
-    def _trailer_rules(self, patches: list[Mail]) -> Check:
+    def _trailer_rules(self, patches: list[Mail]) -> MailCheck:
         for mail in patches:
-            author, block = self._trailers(mail.path)
             try:
                 trailers.check(
-                    block,
-                    author=author,
+                    mail.trailer_block,
+                    author=mail.author,
                     submitter=self.series.submitter.ident,
                     where=mail.path.name,
                 )
             except trailers.TrailerRuleError as e:
-                return Check("trailer rules", False, e.message)
-        return Check("trailer rules", True)
+                return MailCheck("trailer rules", False, e.message)
+        return MailCheck("trailer rules", True)
 
-    def _applies(self, outbox: Outbox) -> Check:
+    def _applies(self, outbox: Outbox) -> MailCheck:
         """Apply the mails in order onto the base in a scratch index: the work tree is untouched.
 
         The index holds only the paths the series touches, taken from the base; reading the
         whole kernel tree into an index would cost more than every other check together.
         """
         name = f"applies to base {outbox.base[:12]}"
-        paths = sorted({p for m in outbox.mails[1:] for p in _touched(m.path)})
+        paths = sorted({p for m in outbox.mails[1:] for p in m.touched})
         with tempfile.TemporaryDirectory(prefix="kseries-index-") as scratch:
             env = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
             entries = self.tree.git("ls-tree", "-r", "-z", outbox.base, "--", *paths)
@@ -487,21 +540,22 @@ class Postman:
             for mail in outbox.mails[1:]:
                 status, _, err = self.tree.try_git("apply", "--cached", str(mail.path), env=env)
                 if status != 0:
-                    return Check(name, False, f"{mail.path.name}: {err.strip().splitlines()[0]}")
-        return Check(name, True)
+                    return MailCheck(
+                        name, False, f"{mail.path.name}: {err.strip().splitlines()[0]}"
+                    )
+        return MailCheck(name, True)
 
-    def _checkpatch(self, mail: Mail, history: bool) -> Check:
+    def _checkpatch(self, mail: Mail, history: bool) -> MailCheck:
         """checkpatch (--strict: [send] checkpatch_options) on one mail. Without `history`
         (see `check`), an unknown commit id is reported as not verified, a warning, rather
         than failing the mail."""
         ignore = sorted(self.settings.checkpatch_ignore)
         options = self.settings.checkpatch_options
         types = ["--show-types"] if self.settings.checkpatch_types else []
-        key = _patch_key(mail.path, *ignore, f"{history=}", *options, *types)
-        cache = _cache(self.tree, "checkpatch", key)
+        cache = _cache(self.tree, "checkpatch", mail.key(*ignore, f"{history=}", *options, *types))
         if cache.exists():
             ok, detail, warn = json.loads(cache.read_text())
-            return Check(mail.path.name, ok, detail, warn)
+            return MailCheck(mail.path.name, ok, detail, warn)
         command = [
             "perl",
             "scripts/checkpatch.pl",
@@ -540,7 +594,7 @@ class Postman:
         else:
             detail = ""
         write_atomic(cache, json.dumps([ok, detail, warn]))
-        return Check(mail.path.name, ok, detail, warn)
+        return MailCheck(mail.path.name, ok, detail, warn)
 
     def rehearse(self, outbox: Outbox) -> Delivery:
         """The dry run: every check, and `git send-email --dry-run` beside them (both only read
@@ -666,54 +720,6 @@ def _stamped(out: Path, series: Series) -> list[str]:
     ):
         raise ToolkitError(f"{path}: damaged, its files are not plain file names", keep)
     return files
-
-
-def _changelog(path: Path) -> str:
-    """A patch mail's commit message body, trailers included: what comes before its ---."""
-    return _read_mail(path).get_content().split("\n---\n", 1)[0]
-
-
-def _prose(path: Path) -> str:
-    """A patch mail's changelog without the trailer block, its last paragraph."""
-    paragraphs = _changelog(path).strip().split("\n\n")
-    return "\n\n".join(paragraphs[:-1])
-
-
-def _read_mail(path: Path) -> EmailMessage:
-    """A mail file as bytes, so the 8-bit UTF-8 body decodes by its charset, not as ASCII."""
-    return cast(EmailMessage, email.message_from_bytes(path.read_bytes(), policy=POLICY))
-
-
-def _touched(path: Path) -> list[str]:
-    """The paths a patch mail reads or writes, from its `diff --git a/X b/Y` lines."""
-    return [
-        side[2:]
-        for line in path.read_text().splitlines()
-        if line.startswith("diff --git a/")
-        for side in line[len("diff --git ") :].split(" ")
-    ]
-
-
-def _write_recipients(mail: Mail) -> None:
-    """Put To:/Cc: headers into the file, right after Subject:, replacing any there.
-
-    The email package writes them: names quoted where RFC 5322 needs it, non-ASCII ones as
-    RFC 2047 encoded words, long lists folded; the rest of the file is left byte for byte."""
-    head, sep, rest = mail.path.read_text().partition("\n\n")
-    fields: list[str] = []  # one header each, with its continuation lines
-    for line in head.split("\n"):
-        if line[:1] in (" ", "\t") and fields:
-            fields[-1] += "\n" + line
-        else:
-            fields.append(line)
-    fields = [f for f in fields if not f.lower().startswith(("to:", "cc:"))]
-    at = next(i for i, f in enumerate(fields) if f.lower().startswith("subject:")) + 1
-    extra = [
-        POLICY.header_factory(key, ", ".join(values)).fold(policy=POLICY).rstrip("\n")
-        for key, values in (("To", mail.to), ("Cc", mail.cc))
-        if values
-    ]
-    mail.path.write_text("\n".join(fields[:at] + extra + fields[at:]) + sep + rest)
 
 
 def report(outbox: Outbox) -> Group:

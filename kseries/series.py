@@ -276,8 +276,10 @@ def load(config: Config | None = None) -> Series:
     info = config.table("series", SERIES)
     base = config.table("base", BASE)
     entries = config.table("patch", PATCHES)
-    patches_dir = config.path("series.patches_dir") or config.directory.parent / "patches"
-    templates_dir = config.path("series.templates_dir") or config.directory.parent / "templates"
+    # Another series' data sits beside the default's: patches/KEY/, templates/KEY/.
+    key = config.series_key
+    patches_dir = config.path("series.patches_dir") or config.project / "patches" / key
+    templates_dir = config.path("series.templates_dir") or config.project / "templates" / key
     if not entries:
         raise reader.fail(
             reader.top.rows("patch"),

@@ -33,7 +33,7 @@ from kseries.core.files import exclusive
 from kseries.core.run import Ran
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import cache_dir
+from kseries.paths import default_tree_dir
 from kseries.series import BASE
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -107,7 +107,7 @@ def prepare_default_tree(
     apt sources use. Raises ToolkitError for anything the user can fix.
     """
     if root is None:
-        root = cache_dir() / ("default-tree" if fetch == "deb" else f"default-tree-{package}")
+        root = default_tree_dir("" if fetch == "deb" else package)
     root = Path(root)
     timings: list[tuple[str, float]] = []
     started = time.monotonic()

@@ -74,7 +74,7 @@ def test_every_commit_passes_and_a_new_warning_is_caught(series_clone: Path) -> 
     config = Config.load(PROJECT / "configs")
     tree = WorkTree(series_clone)
     gates = check.Gate.load_all(config)
-    runner = check.Check(config, tree, log=print)
+    runner = check.SeriesCheck(config, tree, log=print)
     results = runner.run(gates, "kvm-x86/next", "HEAD")
     assert [r.ok for r in results] == [True] * 9, check.details(results)
     assert {r.gate for r in results} == {"x86_64-kvm-W1", "i386-kvm-W1", "kvm-selftests"}
@@ -108,7 +108,7 @@ def test_a_tree_without_the_series_is_refused_with_the_hint(tmp_path: Path) -> N
     subprocess.run(
         ["git", *ident, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "b"], check=True
     )
-    runner = check.Check(Config.load(PROJECT / "configs"), WorkTree(repo), log=print)
+    runner = check.SeriesCheck(Config.load(PROJECT / "configs"), WorkTree(repo), log=print)
     with pytest.raises(ToolkitError) as e:
         runner.commits("kvm-x86/next", "master")
     assert e.value.message == f"{repo}: no kvm-x86/next" and "invoke rebase" in e.value.hint

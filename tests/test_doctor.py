@@ -83,7 +83,7 @@ def test_send_email_without_mail_address_names_libmailtools(tmp_path: Path) -> N
 
 def test_a_dynamic_busybox_is_refused() -> None:
     """The initramfs copies busybox alone: Debian's dynamic `busybox` package will not do."""
-    check = doctor.Check("static", ("/usr/bin/true",), ("busybox",), static=True)
+    check = doctor.Probe("static", ("/usr/bin/true",), ("busybox",), static=True)
     (result,) = doctor.diagnose((check,))
     assert not result.ok
     assert result.detail == "/usr/bin/true is dynamically linked"

@@ -2,7 +2,7 @@
 
 The scratch project's series is rebased for real; report.json is written by the test-box
 stage's own report.write() and the pointer by records.remember_test_report(), as test-remote
-writes them, and the check record by the check stage's own Check._record(). No box is booted
+writes them, and the check record by the check stage's own SeriesCheck._record(). No box is booted
 for these: the runs' verdicts and metrics are given. One thing is added by hand: each run's
 "kvm" (the MMU and CPU read from the box), the shared contract's key that the "mmu3" change
 makes Run.to_json write; an old report is one without it. The last test (slow) runs the real
@@ -27,7 +27,7 @@ from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import Rebase
 from kseries.send import Outbox, Postman, SendSettings
-from kseries.testbox import report, session
+from kseries.testbox import remote, report
 from kseries.testbox.kernel import Kernel
 from kseries.testbox.runner import TestResult
 from tests.conftest import Project, git, invoke, one_error
@@ -201,12 +201,14 @@ def checked(project: Project, failed: bool = False) -> None:
         check.Gate("kvm-selftests", "tinyconfig", ("kvm-testbox",), "selftests"),
     ]
     results = [
-        check.Result(g.name, sha, subject, not (failed and g.name == "kvm-selftests"))
+        check.GateResult(g.name, sha, subject, not (failed and g.name == "kvm-selftests"))
         for g in gates
         for sha, subject in pairs
     ]
     base = records.recorded_base(tree, "demo-v2") or ""
-    check.Check(Config.load(project.configs), tree)._record(gates, "demo-v2", base, pairs, results)
+    check.SeriesCheck(Config.load(project.configs), tree)._record(
+        gates, "demo-v2", base, pairs, results
+    )
 
 
 def postman(project: Project, testing: bool = True) -> Postman:
@@ -421,8 +423,10 @@ def test_the_check_record_keeps_other_gates_and_replaces_a_damaged_one(sent: Pro
     tree = sent.worktree()
     pairs = [(tip(sent), "demo: Change line 30")]
     gate = check.Gate("i386-kvm-W1", "defconfig", ("kvm-i386",), "kvm-W1", arch="i386")
-    result = check.Result(gate.name, tip(sent), "demo: Change line 30", True)
-    check.Check(Config.load(sent.configs), tree)._record([gate], "demo-v2", "b", pairs, [result])
+    result = check.GateResult(gate.name, tip(sent), "demo: Change line 30", True)
+    check.SeriesCheck(Config.load(sent.configs), tree)._record(
+        [gate], "demo-v2", "b", pairs, [result]
+    )
     gates = json.loads(path.read_text())["gates"]
     assert sorted(gates) == ["i386-kvm-W1", "kvm-selftests", "x86_64-kvm-W1"]
     assert gates["i386-kvm-W1"] == {
@@ -451,7 +455,7 @@ def test_the_real_chain_puts_its_own_report_in_the_cover_letter(
     letter carries what that run found. Nothing is mocked; no `invoke check` runs here (its
     record is covered above), so the section names no gates and the check warns. Warm: one
     incremental build of each kernel and two TCG boots."""
-    runs, directory = session.test_remote(
+    runs, directory = remote.test_remote(
         config,
         boxes=["local"],
         kernel_spec=str(series_kernel),

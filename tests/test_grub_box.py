@@ -33,7 +33,7 @@ import pytest
 
 from kseries.config import Config
 from kseries.paths import PROJECT
-from kseries.testbox import boot, distro, initramfs, kernel, session
+from kseries.testbox import boot, distro, initramfs, kernel, remote
 from kseries.testbox.box import TestboxConfig
 from kseries.testbox.machine import Machine
 
@@ -163,7 +163,7 @@ def test_grub_reboot_on_a_debian_box(debian: tuple[distro.DiskBox, Times], tmp_p
 
     # 2. stock GRUB_DEFAULT=0: refused with the fix, nothing installed
     _on_box(config, "sed -i 's/^GRUB_DEFAULT=.*/GRUB_DEFAULT=0/' /etc/default/grub")
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         config, kernel_spec=str(series.path), out=str(tmp_path / "refused"), log=print
     )
     (refused,) = runs
@@ -175,7 +175,7 @@ def test_grub_reboot_on_a_debian_box(debian: tuple[distro.DiskBox, Times], tmp_p
     times("GRUB_DEFAULT=0 refused")
 
     # 3-4. one-shot boot of the series kernel, proven; then back on Debian, cleaned up
-    runs, out = session.test_remote(
+    runs, out = remote.test_remote(
         config, kernel_spec=str(series.path), out=str(tmp_path / "series"), log=print
     )
     (one_shot,) = runs
@@ -198,7 +198,7 @@ def test_grub_reboot_on_a_debian_box(debian: tuple[distro.DiskBox, Times], tmp_p
     )
 
     # 5. a panicking kernel: boot failed, console lines, power cycle, back on Debian's kernel
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         config,
         boxes=["debian-panic"],
         kernel_spec=str(other.path),
@@ -217,7 +217,7 @@ def test_grub_reboot_on_a_debian_box(debian: tuple[distro.DiskBox, Times], tmp_p
     # optional: a kernel with configs/distro-box.config on the disk's Debian userspace
     disk_kernel = os.environ.get("KSERIES_GRUB_KERNEL")
     if disk_kernel:
-        runs, _ = session.test_remote(
+        runs, _ = remote.test_remote(
             config,
             boxes=["debian-disk"],
             kernel_spec=disk_kernel,

@@ -32,7 +32,7 @@ import pytest
 from kseries import build
 from kseries.config import Config
 from kseries.paths import PROJECT, cache_dir
-from kseries.testbox import local, report, session
+from kseries.testbox import local, remote, report
 from kseries.testbox.box import TestboxConfig
 from kseries.testbox.lava import Client
 from kseries.testbox.report import Run
@@ -130,7 +130,7 @@ def series_manifest(lab: Lab, series_clone: Path) -> Path:
 
 def test_remote(lab: Lab, out: Path, **options: object) -> list[Run]:
     started = time.monotonic()
-    runs, _ = session.test_remote(lab.config, out=str(out), log=print, **options)  # type: ignore[arg-type]
+    runs, _ = remote.test_remote(lab.config, out=str(out), log=print, **options)  # type: ignore[arg-type]
     print("\n".join(report.details(runs)))
     print(f"test_remote {options.get('boxes')}: {time.monotonic() - started:.0f}s")
     return runs

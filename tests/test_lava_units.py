@@ -15,7 +15,7 @@ import pytest
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT
-from kseries.testbox import kernel, lavajob, suite
+from kseries.testbox import kernel, lavajob, remote, suite
 from kseries.testbox.box import TestboxConfig, parse_box
 from kseries.testbox.lava import TokenRefused
 from kseries.testbox.report import Run
@@ -223,10 +223,9 @@ def test_the_box_ramdisk_has_a_console_shell_for_lava() -> None:
 def test_trace_on_a_lava_box_is_refused_before_any_build(tmp_path: Path) -> None:
     """--trace needs tracefs over SSH; a LAVA column without its counts would read as traced."""
     from kseries.config import Config
-    from kseries.testbox import session
 
     with pytest.raises(ToolkitError, match="--trace: lab-qemu is a LAVA lab box"):
-        session.test_remote(
+        remote.test_remote(
             Config.load(), boxes=["lab-qemu"], trace=True, out=str(tmp_path / "o"), log=print
         )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -11,7 +11,7 @@ import pytest
 
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT
-from kseries.rebase import ConflictError, Rebase, State
+from kseries.rebase import ConflictError, Rebase, RebaseProgress
 from tests.conftest import SOURCE, Project, git, replace_line
 
 INVOKE = str(PROJECT / ".venv/bin/invoke")
@@ -100,7 +100,7 @@ def stop_on_conflict(project: Project) -> None:
 def test_abort_works_with_a_cut_short_state_file(project: Project, content: str) -> None:
     before_head = git(project.tree, "symbolic-ref", "HEAD")
     stop_on_conflict(project)
-    state = State.path(project.worktree())
+    state = RebaseProgress.path(project.worktree())
     state.write_text(content)
     runner = Rebase(project.worktree(), project.series(), log=lambda _: None)
     with pytest.raises(ToolkitError) as raised:
@@ -117,7 +117,7 @@ def test_abort_works_with_a_cut_short_state_file(project: Project, content: str)
 
 def test_cli_reports_a_cut_short_state_as_one_line(project: Project) -> None:
     stop_on_conflict(project)
-    State.path(project.worktree()).write_text('{"branch": ')
+    RebaseProgress.path(project.worktree()).write_text('{"branch": ')
     done = rebase(project, "--continue")
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

@@ -23,7 +23,7 @@ from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT
 from kseries.rebase import ConflictError, Rebase
-from kseries.send import Check, PartialSend, Postman, SendSettings, report
+from kseries.send import MailCheck, PartialSend, Postman, SendSettings, report
 from kseries.testbox.qemu import free_port
 from kseries.tree import scratch_clone
 from tests.conftest import SOURCE, Project, git, invoke, one_error, replace_line
@@ -279,7 +279,7 @@ def test_a_non_ascii_author_passes_the_sign_off_check_and_is_sent(
         "Cc: Max Maintainer <max@example.org>,\n =?utf-8?q?J=C3=B6rg_R=C3=B6del?= <ann@example.org>"
     )
     assert cc + "\n" in patch.read_text()  # folded at 78 columns
-    assert man._trailer_rules(outbox.mails[1:]) == Check("trailer rules", True)
+    assert man._trailer_rules(outbox.mails[1:]) == MailCheck("trailer rules", True)
     man.send(outbox, dry_run=False)
     # the submitter sends, so send-email moves the author's From: into the body, as git am reads it
     assert [str(m["From"]) for m in inbox.mails] == ["Sam Submitter <sam@example.org>"] * 3
@@ -304,7 +304,7 @@ def test_version_one_is_unnumbered_and_passes_the_numbering_check(
         "[PATCH 1/2] demo: Change line 10",
         "[PATCH 2/2] demo: Change line 30",
     ]
-    assert man._numbering(outbox) == Check("subjects numbered [PATCH n/2]", True, "")
+    assert man._numbering(outbox) == MailCheck("subjects numbered [PATCH n/2]", True, "")
 
 
 def test_a_subject_over_75_characters_warns_but_does_not_fail(project: Project, tmp_path: Path):
@@ -354,7 +354,7 @@ def fake_checkpatch(tree: Path, *problems: str) -> None:
     )
 
 
-def checkpatch_check(man: Postman, tmp_path: Path, name: str) -> Check:
+def checkpatch_check(man: Postman, tmp_path: Path, name: str) -> MailCheck:
     outbox = man.format(tmp_path / name)
     return next(c for c in man.check(outbox, sending=False) if c.name == "checkpatch --strict")
 

@@ -25,7 +25,7 @@ import pytest
 
 from kseries.config import Config
 from kseries.paths import PROJECT, cache_dir
-from kseries.testbox import initramfs, kernel, local, session
+from kseries.testbox import initramfs, kernel, local, remote
 from kseries.testbox.box import TestboxConfig
 
 pytestmark = pytest.mark.slow
@@ -242,7 +242,7 @@ def test_up_boots_the_kernel_and_proves_it(lab: Lab, kernels: Kernels) -> None:
 
 
 def test_kexec_switch_runs_a_selftest_and_collects_dmesg(lab: Lab, kernels: Kernels) -> None:
-    runs, out = session.test_remote(
+    runs, out = remote.test_remote(
         lab.config,
         kernel_spec=str(kernels.b),
         tests=["smoke", "userspace_io_test"],
@@ -267,7 +267,7 @@ def test_kexec_switch_runs_a_selftest_and_collects_dmesg(lab: Lab, kernels: Kern
 
 
 def test_kexec_back_and_a_hung_test_times_out(lab: Lab, kernels: Kernels) -> None:
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         lab.config,
         kernel_spec=str(kernels.a),
         tests=["hangs", "smoke"],
@@ -287,7 +287,7 @@ def test_kexec_back_and_a_hung_test_times_out(lab: Lab, kernels: Kernels) -> Non
 def test_kernel_that_panics_ends_in_boot_failed_and_the_box_comes_back(
     lab: Lab, kernels: Kernels
 ) -> None:
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         lab.config,
         boxes=["e2e-panic"],
         kernel_spec=str(kernels.b),
@@ -307,7 +307,7 @@ def test_kernel_that_panics_ends_in_boot_failed_and_the_box_comes_back(
 def test_kernel_that_never_answers_times_out_and_is_power_cycled(
     lab: Lab, kernels: Kernels
 ) -> None:
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         lab.config,
         boxes=["e2e-mute"],
         kernel_spec=str(kernels.b),
@@ -326,7 +326,7 @@ def test_kernel_that_never_answers_times_out_and_is_power_cycled(
 
 
 def test_compare_shows_both_kernels_side_by_side(lab: Lab, kernels: Kernels) -> None:
-    runs, out = session.test_remote(
+    runs, out = remote.test_remote(
         lab.config,
         kernel_spec=str(kernels.a),
         compare=str(kernels.b),
@@ -348,7 +348,7 @@ def test_compare_shows_both_kernels_side_by_side(lab: Lab, kernels: Kernels) -> 
 
 def test_two_boxes_run_in_parallel(lab: Lab, kernels: Kernels) -> None:
     """The second box (shadow MMU) is down: method qemu starts it on the kernel directly."""
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         lab.config,
         boxes=["e2e", "e2e-second"],
         kernel_spec=str(kernels.b),
@@ -370,7 +370,7 @@ def test_boxes_the_run_started_are_stopped_at_its_end(lab: Lab, kernels: Kernels
     second = lab.settings.box("e2e-second")
     assert not local.status(second, log=lambda _: None).running
     lines: list[str] = []
-    runs, _ = session.test_remote(
+    runs, _ = remote.test_remote(
         lab.config,
         boxes=["e2e", "e2e-second"],
         kernel_spec=str(kernels.b),
@@ -448,7 +448,7 @@ def test_boxes_started_at_once_from_an_empty_cache(
 def test_the_legacy_tdp_box_runs_the_legacy_tdp_mmu(lab: Lab, kernels: Kernels) -> None:
     """kvm_params reach the kernel command line and the MMU is read back from the box: sysfs
     shows kvm.tdp_mmu=N with NPT on, which is KVM's legacy TDP MMU (direct_map())."""
-    runs, out = session.test_remote(
+    runs, out = remote.test_remote(
         lab.config,
         boxes=["e2e-legacy-tdp"],
         kernel_spec=str(kernels.b),

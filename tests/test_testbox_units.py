@@ -16,7 +16,7 @@ from rich.console import Console
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT
-from kseries.testbox import boot, initramfs, kernel, report, runner, session, suite
+from kseries.testbox import boot, initramfs, kernel, remote, report, runner, suite
 from kseries.testbox.box import TestboxConfig, parse_box
 
 
@@ -509,9 +509,9 @@ def test_a_reference_column_is_named_after_its_build(tmp_path: Path) -> None:
     (boot / "manifest.json").write_text("{}")
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "bzImage").write_bytes(b"")
-    assert session._ref_name(str(boot / "manifest.json")) == "mst-base"
-    assert session._ref_name(str(tmp_path / "kernels" / "bzImage")) == "kernels"
-    assert session._ref_name("kvm-x86/next") == "kvm-x86/next"
+    assert remote._ref_name(str(boot / "manifest.json")) == "mst-base"
+    assert remote._ref_name(str(tmp_path / "kernels" / "bzImage")) == "kernels"
+    assert remote._ref_name("kvm-x86/next") == "kvm-x86/next"
 
 
 def test_group_runs_boxes_side_by_side_and_keeps_each_outcome() -> None:

@@ -27,7 +27,7 @@ import pytest
 from kseries import build
 from kseries.config import Config
 from kseries.paths import PROJECT, cache_dir
-from kseries.testbox import local, report, session
+from kseries.testbox import local, remote, report
 from kseries.testbox.box import TestboxConfig
 from kseries.testbox.runner import TestResult
 
@@ -78,7 +78,7 @@ def series_kernel(config: Config, series_clone: Path) -> Path:
 
 def run(config: Config, out: Path, **options: object) -> list[report.Run]:
     started = time.monotonic()
-    runs, _ = session.test_remote(config, out=str(out), log=print, **options)  # type: ignore[arg-type]
+    runs, _ = remote.test_remote(config, out=str(out), log=print, **options)  # type: ignore[arg-type]
     print(f"test_remote {options.get('boxes')}: {time.monotonic() - started:.0f}s")
     return runs
 

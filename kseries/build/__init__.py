@@ -24,7 +24,7 @@ counts, config stamp); ~/.cache/kseries/build/last.json points at the newest ker
 the test-box stage.
 """
 
-from kseries.build.failure import STEP, BuildError, failure
+from kseries.build.failure import STEP, WARNING, BuildError, failure
 from kseries.build.fragments import BASES, BuildConfig, Fragment, read_config
 from kseries.build.kconfig import KconfigIndex, Reason
 from kseries.build.make import MakeRun, Outcome
@@ -43,8 +43,6 @@ from kseries.build.orchestrate import (
     Build,
     build,
     check_kernel_tree,
-    default_build_dir,
-    tree_key,
 )
 from kseries.build.toolchain import (
     IMAGE,
@@ -55,6 +53,8 @@ from kseries.build.toolchain import (
     check_tools,
     distcc_jobs,
 )
+from kseries.paths import build_dir as default_build_dir
+from kseries.paths import tree_key
 
 __all__ = [
     "BASES",
@@ -64,6 +64,7 @@ __all__ = [
     "STATE_VERSION",
     "STEP",
     "TOOLS",
+    "WARNING",
     "Build",
     "BuildConfig",
     "BuildError",

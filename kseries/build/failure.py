@@ -13,6 +13,10 @@ from kseries.errors import ToolkitError
 
 # kbuild's quiet-mode step lines: "  CC      kernel/fork.o", "  LD [M]  fs/foo.ko".
 STEP = re.compile(r"^  ([A-Z][A-Z0-9_-]*(?: \[M\])?) +(\S+)")
+# gcc's "file:line[:col]: warning: text"
+WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
+# a compile: kbuild's quiet "  CC  path" line, or the selftests' full gcc command
+COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
 
 
 def failure(
@@ -48,6 +52,7 @@ def failure(
                 context=context,
                 exit_code=code,
                 log=log,
+                printed=lines,
             )
     for i, line in enumerate(lines):
         link = re.search(r"undefined reference to|multiple definition of", line) or re.match(
@@ -66,6 +71,7 @@ def failure(
                 context=list(lines[max(0, i - 1) : i + 2]),
                 exit_code=code,
                 log=log,
+                printed=lines,
             )
     for line in lines:
         if "source tree is not clean" in line:
@@ -96,10 +102,14 @@ class BuildError(ToolkitError):
         context: list[str],
         exit_code: int,
         log: Path,
+        printed: Sequence[str] = (),
     ) -> None:
         super().__init__(message, hint)
         self.file, self.line, self.context = file, line, context
         self.exit_code, self.log = exit_code, log
+        # what make printed before it failed, as a finished run's Outcome keeps it
+        self.warnings = tuple(line for line in printed if WARNING.match(line.strip()))
+        self.compiled = sum(1 for line in printed if COMPILE.match(line))
 
 
 def _missing_tool(lines: Sequence[str]) -> ToolkitError | None:

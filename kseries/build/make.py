@@ -23,7 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from kseries.build.failure import STEP, failure
+from kseries.build.failure import COMPILE, STEP, WARNING, failure
 from kseries.build.toolchain import Target, _env
 from kseries.core import run as door
 from kseries.ui import heartbeat
@@ -34,11 +34,14 @@ NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] (\S+(?: \S+)*?) (\S+)$")
 
 @dataclass(frozen=True)
 class Outcome:
-    """A finished make run."""
+    """A finished make run: what it did, and the warnings it printed, as the check stage
+    compares them."""
 
     steps: tuple[tuple[str, str], ...]  # ("CC", "arch/x86/kvm/mmu/mmu.o"), in order
     seconds: float
     log: Path
+    warnings: tuple[str, ...] = ()  # the lines, as printed
+    compiled: int = 0  # objects compiled (kbuild's CC steps, or gcc -c commands)
 
 
 class MakeRun:
@@ -122,7 +125,13 @@ class MakeRun:
                 self.target,
                 tool=self.tool,
             )
-        return Outcome(tuple(steps), seconds, Path(self.log_file.name))
+        return Outcome(
+            tuple(steps),
+            seconds,
+            Path(self.log_file.name),
+            tuple(line for line in output if WARNING.match(line.strip())),
+            sum(1 for line in output if COMPILE.match(line)),
+        )
 
     def _step(self, line: str) -> tuple[str, str] | None:
         """(kind, path) of a step line; ninja's also sets the total, which it knows exactly."""

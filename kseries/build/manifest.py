@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from kseries.build.toolchain import IMAGE, Target, _env
 from kseries.core import run as door
 from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import last_build_pointer
 
 STATE_VERSION = 1
 
@@ -61,6 +61,8 @@ class Manifest:
     build_dir: str
     log: str
     built_at: str
+    warnings: list[str] = field(default_factory=list)  # gcc's warning lines, as printed
+    compiled: int = 0  # objects this run compiled (0: nothing to rebuild)
     path: str = ""  # where this manifest is stored (not part of the JSON)
 
     def to_json(self) -> str:
@@ -89,12 +91,29 @@ class Manifest:
         return Manifest.from_json(self.to_json(), str(path))
 
 
+def last_manifest() -> Path:
+    """Where the manifest of the newest kernel image `invoke build` made is (build/last.json
+    points at it): the test boxes' default kernel."""
+    pointer = last_build_pointer()
+    try:
+        data = json.loads(pointer.read_text())
+    except (OSError, ValueError):
+        raise ToolkitError(
+            f"no kernel built yet ({pointer} is missing or unreadable)",
+            "run `invoke build`, or pass --kernel PATH",
+        ) from None
+    manifest = data.get("manifest")
+    if manifest:
+        return Path(manifest)
+    image = data.get("bzimage")
+    if image:
+        return Path(image).parent / "manifest.json"
+    raise ToolkitError(f"{pointer} names no manifest", "run `invoke build` again")
+
+
 def last_build() -> Manifest:
-    """The manifest of the newest kernel image `invoke build` made (the test box's default)."""
-    pointer = cache_dir() / "build" / "last.json"
-    if not pointer.is_file():
-        raise ToolkitError(f"no kernel built yet ({pointer} is missing)", "run `invoke build`")
-    return Manifest.load(Path(json.loads(pointer.read_text())["manifest"]))
+    """The manifest of the newest kernel image `invoke build` made."""
+    return Manifest.load(last_manifest())
 
 
 def summary(manifest: Manifest) -> str:
@@ -159,7 +178,7 @@ def _record(manifest: Manifest, target: Target, build_dir: Path, set_last: bool)
             "kernelrelease": manifest.kernelrelease,
             "utsversion": manifest.utsversion,
         }
-        write_atomic(cache_dir() / "build" / "last.json", json.dumps(pointer, indent=2) + "\n")
+        write_atomic(last_build_pointer(), json.dumps(pointer, indent=2) + "\n")
     return manifest
 
 

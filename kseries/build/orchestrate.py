@@ -8,7 +8,6 @@ step counts, config stamp).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import IO, Any
 
 from rich.console import Console
 
+from kseries import paths
 from kseries import tree as tree_stage
 from kseries.build.failure import BuildError
 from kseries.build.fragments import BuildConfig
@@ -60,7 +60,6 @@ from kseries.core import run as door
 from kseries.core.files import exclusive, output_dir, write_atomic
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import cache_dir
 
 Log = Callable[[str], None]
 
@@ -85,15 +84,6 @@ BUILD = Keys(
 )
 
 
-def tree_key(path: Path) -> str:
-    """A build directory name per tree: its name plus a short hash of its path."""
-    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
-
-
-def default_build_dir(tree: Path) -> Path:
-    return cache_dir() / "build" / tree_key(tree)
-
-
 def check_kernel_tree(path: Path) -> None:
     makefile = path / "Makefile"
     if not (path / "Kconfig").is_file() or not (path / "scripts/kconfig/merge_config.sh").is_file():
@@ -111,7 +101,7 @@ def check_kernel_tree(path: Path) -> None:
 def build(
     config: Config,
     *,
-    tree: str = "",
+    tree: WorkTree | str = "",
     out: str = "",
     fragments: Sequence[str] = (),
     base_config: str = "",
@@ -160,7 +150,7 @@ class Build:
         self,
         config: Config,
         *,
-        tree: str = "",
+        tree: WorkTree | str = "",
         out: str = "",
         fragments: Sequence[str] = (),
         base_config: str = "",
@@ -207,10 +197,12 @@ class Build:
         tools = MESON_TOOLS if self.meson else TOOLS
         check_tools([*tools, *self.target.needs, *(["distcc"] if self.hosts else [])])
         chosen_dir = output_dir(Path(out)).resolve() if out else None  # refused before any work
-        self.work = tree_stage.open_tree(config, tree, log=log)
+        # A work tree is used as it is; a path (--tree, or empty for the configured or the
+        # default tree) is opened only now, after every other input was checked.
+        self.work = tree if isinstance(tree, WorkTree) else tree_stage.open_tree(config, tree, log)
         self.tree = self.work.path
         (check_meson_tree if self.meson else check_kernel_tree)(self.tree)
-        self.build_dir = chosen_dir or default_build_dir(self.tree)
+        self.build_dir = chosen_dir or paths.build_dir(self.tree)
         if self.build_dir == self.tree or self.tree in self.build_dir.parents:
             raise ToolkitError(
                 f"build directory {self.build_dir} is inside the tree {self.tree}",
@@ -340,6 +332,8 @@ class Build:
             build_dir=str(self.build_dir),
             log=str(outcome.log),
             built_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            warnings=list(outcome.warnings),
+            compiled=outcome.compiled,
         )
 
 

@@ -256,7 +256,7 @@ class Edit:
 
         # One writer at a time; one that finds a file changed since it read it (another
         # task's edit) is refused rather than writing over that edit.
-        with exclusive(self.config.directory.parent / "out" / ".configs-edit.lock"):
+        with exclusive(self.config.project / "out" / ".configs-edit.lock"):
             self.before = {p: p.read_bytes() if p.exists() else None for p in self.docs}
             moved = [p.name for p in self.docs if self.before[p] != self.read[p]]
             if moved:
@@ -267,7 +267,7 @@ class Edit:
             try:
                 for path, doc in self.docs.items():
                     write_atomic(path, tomlkit.dumps(doc))
-                check(Config.load(self.config.directory))
+                check(self.config.reload())
             except BaseException:
                 self.undo()
                 raise

@@ -68,7 +68,7 @@ def collect(
     harvest = harvest_stage.harvest(mails, sent)
     moved = sent_stage.changed(sent, sent_stage.data_fingerprints(series))
     rows = harvest_stage.classify(harvest, series, sent, moved)
-    out = harvest_file(series, sent.version, config.directory.parent / "out")
+    out = harvest_file(series, sent.version, config.project / "out")
     write_atomic(out, json.dumps({"source": source, **harvest.to_json()}, indent=2) + "\n")
     return Collected(series, sent, source, harvest, rows, moved)
 
@@ -122,7 +122,7 @@ def apply(config: Config, found: Collected, *, changed_too: bool) -> list[str]:
     if not taken:
         return ["nothing to apply"]
     edit.write(series_stage.load)
-    where = ", ".join(str(p.relative_to(config.directory.parent)) for p in edit.docs)
+    where = ", ".join(str(p.relative_to(config.project)) for p in edit.docs)
     return [
         f"applied {len(taken)} trailers into {where}",
         *(f"  patch {r.found.patch} {r.found.key}: {r.found.value}" for r in taken),

@@ -242,7 +242,7 @@ def describe(record: Sent, tagged: bool) -> list[str]:
 
 # --- pre-send checks ----------------------------------------------------------------------------
 
-Verdict = tuple[str, bool, str, bool]  # name, ok, detail, warn: send.py makes a Check of it
+Verdict = tuple[str, bool, str, bool]  # name, ok, detail, warn: send.py makes a MailCheck of it
 
 
 def not_sent_before(tree: WorkTree, series: Series, *, sending: bool) -> Verdict:

@@ -97,10 +97,7 @@ def _matches(shown: Status, series: Series, tree: WorkTree, tip: str) -> None:
     from kseries import records
     from kseries.changelog import Changelog
 
-    base = (
-        records.recorded_base(tree, series.branch)
-        or tree.git("merge-base", tip, series.base.tracking_ref).strip()
-    )
+    base = records.series_base(tree, series.branch, series.base.tracking_ref)
     commits = tree.git("rev-list", "--reverse", f"{base}..{tip}").split()
     if len(commits) != len(series.patches):
         shown.add(

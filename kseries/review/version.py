@@ -15,7 +15,7 @@ from kseries import series as series_stage
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.rebase import ConflictError, Rebase, Result
+from kseries.rebase import ConflictError, Rebase, Rebased
 from kseries.review import sent as sent_stage
 from kseries.review.data import Edit, Sent
 
@@ -23,7 +23,7 @@ from kseries.review.data import Edit, Sent
 @dataclass(frozen=True)
 class NewVersion:
     sent: Sent
-    rebased: Result
+    rebased: Rebased
     range_diff: str
     changed: dict[int, str]
     changes_template: str
@@ -53,7 +53,7 @@ def new_version(
     edit.set_version(series.version + 1)
     edit.write(series_stage.load)  # refused, and put back, if the series no longer loads
     log(f"{series.source.name}: version {series.version} -> {series.version + 1}")
-    fresh = series_stage.load(Config.load(config.directory))
+    fresh = series_stage.load(config.reload())
     try:
         result = Rebase(tree, fresh, log=log).start(
             remote=remote or fresh.base.remote, branch=branch or fresh.base.branch, fetch=fetch

@@ -14,6 +14,7 @@ One concept per module:
 - `suite`: the tests as data and how their programs are built;
 - `runner`: running tests on the box, dmesg scan;
 - `report`: verdicts, the table, report.json and junit.xml;
-- `session`: `invoke test-remote` composed from the above (`test_remote`);
+- `session`: one box through one kernel at a time over SSH (`BoxSession`);
+- `remote`: `invoke test-remote` composed from the above (`test_remote`);
 - `local`: `invoke testbox.up/down/status/console`.
 """

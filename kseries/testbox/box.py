@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kseries.config import (
+    ALL_TABLES,
     BOOLEAN,
     INTEGER,
     LOCAL,
@@ -29,7 +30,7 @@ from kseries.config import (
     Where,
 )
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import testbox_dir
 from kseries.testbox import lava
 
 FILE = "testboxes.toml"
@@ -154,7 +155,7 @@ class Box:
         """Where a local QEMU box keeps its console log, keys and state."""
         if self.qemu and self.qemu.state_dir:
             return self.qemu.state_dir
-        return cache_dir() / "testbox" / self.name
+        return testbox_dir(self.name)
 
     def address(self, port: int | None = None) -> str:
         """user@host:port, for messages (never anything secret)."""
@@ -309,13 +310,16 @@ class TestboxConfig:
     def load(cls, config: Config) -> TestboxConfig:
         """configs/testboxes.toml, with any [testbox], [box.*], [[test]] or [recipe.*] that
         configs/local.toml has merged over it."""
-        path = config.directory / FILE
+        path = config.configs / FILE
         sources = [Source.read(path, SECTIONS)] if path.is_file() else []
         local = config.source(LOCAL)
+        if config.home is not None:  # another series: the boxes of configs/local.toml
+            mine_path = config.home / LOCAL
+            local = Source.read(mine_path, ALL_TABLES) if mine_path.is_file() else None
         if local is not None:
             mine = {k: v for k, v in local.data.items() if k in SECTIONS}
             sources.append(Source(local.path, mine, local.tables))
-        return cls(Config.of(config.directory, sources))
+        return cls(Config.of(config.configs, sources))
 
     @property
     def directory(self) -> Path:

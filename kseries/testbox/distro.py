@@ -37,7 +37,7 @@ from pathlib import Path
 from kseries.core.files import exclusive, remove_stale, scratch_name, write_atomic
 from kseries.core.run import Popen, TimeoutExpired, run, start
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import distro_dir
 from kseries.testbox import initramfs
 from kseries.testbox.boot import GRUB_KERNELS, grub_entries
 from kseries.testbox.qemu import free_port
@@ -80,7 +80,7 @@ MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fs
 
 
 def image_dir() -> Path:
-    return cache_dir() / "distro" / SUITE
+    return distro_dir(SUITE)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """The kernel under test: a bzImage, what it claims to be, and the build that made it.
 
 `invoke build` writes a manifest next to each bzImage (kseries/build/manifest.py) and points
-~/.cache/kseries/build/last.json at the newest. This module reads a manifest through one small,
-tolerant function (`read_manifest`), so the test-box stage depends only on the few fields it
-needs: the image's path, sha256, kernelrelease and utsversion, plus the tree, branch and commit
-for the report (send finds the newest report of a branch by them). It also reads the version
+~/.cache/kseries/build/last.json at the newest (`last_manifest()` reads that pointer). This
+module reads a manifest through one small, tolerant function (`read_manifest`), so the
+test-box stage depends only on the few fields it needs: the image's path, sha256,
+kernelrelease and utsversion, plus the tree, branch and commit for the report (send finds the
+newest report of a branch by them). It also reads the version
 string every x86 bzImage carries in its setup header, which identifies a bare image without a
 manifest and catches a manifest that no longer matches the image it names (a rebuild since).
 """
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kseries.build.manifest import last_manifest
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
 
 MANIFEST = "manifest.json"
 
@@ -110,25 +111,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
         "commit": str(data.get("commit") or ""),
         "dirty": bool(data.get("dirty", False)),
     }
-
-
-def last_manifest() -> Path:
-    """The manifest that ~/.cache/kseries/build/last.json points at."""
-    pointer = cache_dir() / "build" / "last.json"
-    try:
-        data = json.loads(pointer.read_text())
-    except (OSError, ValueError):
-        raise ToolkitError(
-            f"no kernel built yet ({pointer} is missing or unreadable)",
-            "run `invoke build`, or pass --kernel PATH",
-        ) from None
-    manifest = data.get("manifest")
-    if manifest:
-        return Path(manifest)
-    image = data.get("bzimage")
-    if image:
-        return Path(image).parent / MANIFEST
-    raise ToolkitError(f"{pointer} names no manifest", "run `invoke build` again")
 
 
 def load(spec: str = "") -> Kernel:

@@ -38,7 +38,7 @@ import jinja2
 
 from kseries.core.files import write_atomic
 from kseries.errors import ToolkitError
-from kseries.paths import PROJECT, cache_dir
+from kseries.paths import PROJECT, lava_dir
 from kseries.testbox import boot, initramfs, suite
 from kseries.testbox.box import Box
 from kseries.testbox.kernel import Kernel
@@ -214,7 +214,7 @@ class Artifacts:
 
 def ramdisk() -> bytes:
     """The box's userspace for LAVA (built once, then reused: kseries/testbox/initramfs.py)."""
-    home = cache_dir() / "testbox" / "lava"
+    home = lava_dir()
     keys = initramfs.Keys(home / "keys")
     return initramfs.build(home / "ramdisk.cpio.gz", keys, inittab=INITTAB).read_bytes()
 

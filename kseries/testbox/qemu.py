@@ -32,7 +32,7 @@ from typing import Any
 from kseries.core.files import write_atomic
 from kseries.core.run import Popen, TimeoutExpired, run, start
 from kseries.errors import ToolkitError
-from kseries.paths import cache_dir
+from kseries.paths import testbox_dir
 from kseries.testbox import initramfs
 from kseries.testbox.box import Box
 
@@ -44,7 +44,7 @@ DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 
 
 @dataclass
-class State:
+class QemuState:
     """What state.json records about the running (or last) QEMU process."""
 
     pid: int = 0
@@ -58,7 +58,7 @@ class State:
     console_offset: int = 0  # console.log size when this QEMU started
 
     @classmethod
-    def load(cls, path: Path) -> State:
+    def load(cls, path: Path) -> QemuState:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -115,7 +115,7 @@ def read_since(path: Path, offset: int) -> str:
 
 def shared_dir() -> Path:
     """Keys and the initramfs are shared by all local boxes."""
-    return cache_dir() / "testbox"
+    return testbox_dir()
 
 
 class QemuBox:
@@ -165,8 +165,8 @@ class QemuBox:
             cmdline += f" tsc_early_khz={khz}"
         return cmdline
 
-    def state(self) -> State:
-        return State.load(self.state_file)
+    def state(self) -> QemuState:
+        return QemuState.load(self.state_file)
 
     def initramfs(self) -> Path:
         """The box's userspace image (built or reused)."""
@@ -254,7 +254,7 @@ class QemuBox:
         *,
         initrd: Path | None = None,
         cmdline: str = "",
-    ) -> State:
+    ) -> QemuState:
         """Start QEMU on `kernel` (the box must be down) and return its state; waiting for SSH
         is the caller's (Machine.wait_for_ssh). On the first automatic start on a host, KVM is
         tried first (see _probe_kvm)."""
@@ -274,8 +274,8 @@ class QemuBox:
         return state
 
     def _probe_kvm(
-        self, state: State, kernel: Path, initrd: Path, cmdline: str, port: int
-    ) -> State:
+        self, state: QemuState, kernel: Path, initrd: Path, cmdline: str, port: int
+    ) -> QemuState:
         """First auto start on this host: KVM counts as usable if the guest reaches userspace
         with a /dev/kvm of its own (nested virtualization) within KVM_PROBE seconds. If not,
         and TCG then boots the same kernel, TCG is remembered for this host; if TCG fails too,
@@ -297,7 +297,7 @@ class QemuBox:
     def _accel_known(self) -> bool:
         return self._host_key() in self._accel_memory()
 
-    def _spawn(self, kernel: Path, initrd: Path, cmdline: str, port: int, accel: str) -> State:
+    def _spawn(self, kernel: Path, initrd: Path, cmdline: str, port: int, accel: str) -> QemuState:
         offset = self.console_log.stat().st_size if self.console_log.exists() else 0
         command = self.command(kernel, initrd, cmdline, port, accel)
         with (self.dir / "qemu.log").open("ab") as err:
@@ -305,7 +305,7 @@ class QemuBox:
             err.flush()
             child = start(command, stdout=err, stderr=err, new_session=True)
         self._child = child
-        state = State(
+        state = QemuState(
             pid=child.pid,
             port=port,
             accel=accel,
@@ -324,7 +324,7 @@ class QemuBox:
         return state
 
     def wait_console(
-        self, state: State, *, timeout: float, raise_: bool = True, since: int | None = None
+        self, state: QemuState, *, timeout: float, raise_: bool = True, since: int | None = None
     ) -> tuple[bool, str]:
         """Wait until the console shows the userspace marker (after `since`, default: this
         QEMU's start) or QEMU exits. (True, "") or (False, why)."""

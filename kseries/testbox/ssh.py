@@ -68,7 +68,7 @@ class ChecksumMismatch(UploadError):
 
 
 @dataclass(frozen=True)
-class Result:
+class CommandResult:
     command: str
     exit_status: int
     stdout: str
@@ -228,7 +228,7 @@ class Remote:
         timeout: float,
         stdin: bytes | None = None,
         check: bool = False,
-    ) -> Result:
+    ) -> CommandResult:
         """Run `command` on an exec channel; raise CommandTimeout after `timeout` seconds and
         ConnectionLost if the session dies. With `check`, a non-zero exit is a ToolkitError."""
         started = time.monotonic()
@@ -289,7 +289,7 @@ class Remote:
             raise ConnectionLost(f"{self.address}: connection lost: {_reason(e)}", _HINT) from None
         finally:
             channel.close()
-        result = Result(
+        result = CommandResult(
             command,
             status,
             out.decode(errors="replace"),
@@ -305,10 +305,10 @@ class Remote:
             )
         return result
 
-    def start(self, command: str, *, wait: float) -> Result | None:
+    def start(self, command: str, *, wait: float) -> CommandResult | None:
         """Run a command that is expected not to come back (`kexec -e`, `reboot`): in the
         foreground of an exec channel, for at most `wait` seconds. None if it did not return
-        (or the connection dropped), which is what a reboot looks like; its Result if it did,
+        (or the connection dropped), which is what a reboot looks like; its CommandResult if it did,
         which means it failed."""
         try:
             return self.run(command, timeout=wait)

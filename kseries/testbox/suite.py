@@ -35,7 +35,7 @@ from kseries.config import BOOLEAN, NUMBER, STRING, STRING_TABLE, STRINGS, Keys,
 from kseries.core.files import exclusive, scratch_name
 from kseries.core.run import STDOUT, run
 from kseries.errors import ToolkitError
-from kseries.paths import PROJECT, cache_dir
+from kseries.paths import PROJECT, test_programs_dir
 from kseries.testbox.box import FILE, TestboxConfig
 from kseries.ui import heartbeat
 
@@ -250,8 +250,7 @@ class Builder:
         self.tree = tree
         self.jobs = jobs or os.cpu_count() or 1
         self.log = log
-        key = hashlib.sha256(str(tree).encode()).hexdigest()[:10] if tree else "none"
-        self.root = cache_dir() / "testbox" / "build" / f"{tree.name if tree else 'none'}-{key}"
+        self.root = test_programs_dir(tree)
         self._headers: Path | None = None
 
     def headers(self, log_file: Path) -> Path:
