@@ -346,7 +346,7 @@ def qemu_tree(tmp_path_factory: pytest.TempPathFactory) -> WorkTree:
 def test_qemu_series_rebased_and_mailed_through_qemus_checkpatch(
     qemu_tree: WorkTree, tmp_path: Path
 ) -> None:
-    from kseries.send import Postman
+    from kseries.send import Mail, Postman
 
     config = qemu_config()
     series = series_stage.load(config)
@@ -373,6 +373,7 @@ def test_qemu_series_rebased_and_mailed_through_qemus_checkpatch(
     )
     lines[added] += "  "
     bad.write_text("\n".join(lines))
+    outbox.mails[1] = Mail.read(bad)  # a mail is read once, when made
     man.check(outbox, sending=False)
     assert [c.name for c in outbox.failed] == ["checkpatch"]
 
