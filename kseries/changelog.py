@@ -64,8 +64,9 @@ class Companion:
     sent: bool
 
     @classmethod
-    def of(cls, directory: Path) -> Companion:
-        config = Config.load(directory)
+    def of(cls, configs: Path, name: str) -> Companion:
+        """Series `name` (a --series name) of the project whose configs/ is `configs`."""
+        config = Config.load(configs, name)
         other = series_stage.load(config)
         subject = Changelog(other, companions=False).cover_subject()
         if other.sent:
@@ -139,7 +140,9 @@ class Changelog:
         that section renders nothing."""
         subjects = [self.message(p).subject for p in self.series.patches]
         companions = (
-            [Companion.of(d) for d in self.series.companions] if self.with_companions else []
+            [Companion.of(self.series.configs or Path(), name) for name in self.series.companions]
+            if self.with_companions
+            else []
         )
         subject, body = self._render(
             self.series.cover_template, subjects=subjects, evidence=evidence, companions=companions

@@ -134,7 +134,8 @@ class Series:
     change_id: str = ""  # b4's change-id: the same in every version's cover letter
     sent: tuple[Sent, ...] = ()  # configs/review.toml: each version sent, oldest first
     given: tuple[Given, ...] = ()  # configs/review.toml: trailers taken from replies
-    companions: tuple[Path, ...] = ()  # config directories: each cover letter links the other
+    companions: tuple[str, ...] = ()  # series names (--series): each cover letter links the other
+    configs: Path | None = None  # the project's configs/, where the companions are found
 
     @property
     def branch(self) -> str:
@@ -162,7 +163,7 @@ SERIES = Keys(
         "templates_dir": STRING,
         "shortlog_prefixes": STRINGS,  # the subsystem's topics ("KVM: x86/mmu:"), for subjects
         "change_id": STRING,  # b4's `change-id:`, so a maintainer's b4 sees v3 follow v2
-        "companions": STRINGS,  # config directories of the series this one is half of
+        "companions": STRINGS,  # the series this one is half of, by their --series names
         "facts": ANY_TABLE,  # free-form, for the templates: series.facts.v1_link
     }
 )
@@ -313,9 +314,8 @@ def load(config: Config | None = None) -> Series:
         change_id=info.get("change_id", ""),
         sent=sent_records(config),
         given=given,
-        companions=tuple(
-            (config.directory / name).resolve() for name in info.get("companions", ())
-        ),
+        companions=tuple(info.get("companions", ())),
+        configs=config.configs,
     )
     check_diffs([patch.diff for patch in series.patches])
     return series
