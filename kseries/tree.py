@@ -396,16 +396,8 @@ def _import(
                 f"{tarball.name} did not unpack to {package}/ with a Makefile",
                 "is default_tree.package a linux-source-X.Y package?",
             )
-    with _timed(timings, "git import"):
-        log(f"default tree: importing the source as a git commit ({version})")
-        gitignore = source / ".gitignore"
-        if gitignore.is_file():
-            gitignore.write_text(strip_debian_gitignore(gitignore.read_text()))
-        message = f"Linux {_kernel_version(source / 'Makefile')} (Debian {package} {version})"
-        base = _commit_tree(source, message, date)
-        os.replace(source, work)
-    shutil.rmtree(partial)
-    return base
+    message = f"Linux {_kernel_version(source / 'Makefile')} (Debian {package} {version})"
+    return _import_commit(partial, source, work, message, date, version, timings, log)
 
 
 def _import_source(
@@ -441,15 +433,31 @@ def _import_source(
                 f"{dsc.name} did not unpack to a Debian source tree",
                 "is default_tree.package a source package?",
             )
+    field = re.search(r"^Version: *(\S+)", dsc.read_text(errors="replace"), re.MULTILINE)
+    full = field.group(1) if field else dsc.stem.split("_", 1)[-1]
+    message = f"Debian source package {package} {full}, Debian's patches applied"
+    date = _changelog_date(source / "debian" / "changelog")
+    return _import_commit(partial, source, work, message, date, dsc.stem, timings, log)
+
+
+def _import_commit(
+    partial: Path,
+    source: Path,
+    work: Path,
+    message: str,
+    date: str,
+    what: str,
+    timings: list[tuple[str, float]],
+    log: Callable[[str], None],
+) -> str:
+    """The unpacked `source` committed with the fixed identity and moved into place as
+    `work`; the commit's sha, the same on every machine."""
     with _timed(timings, "git import"):
-        log(f"default tree: importing the source as a git commit ({dsc.stem})")
+        log(f"default tree: importing the source as a git commit ({what})")
         gitignore = source / ".gitignore"
         if gitignore.is_file():
             gitignore.write_text(strip_debian_gitignore(gitignore.read_text()))
-        field = re.search(r"^Version: *(\S+)", dsc.read_text(errors="replace"), re.MULTILINE)
-        full = field.group(1) if field else dsc.stem.split("_", 1)[-1]
-        message = f"Debian source package {package} {full}, Debian's patches applied"
-        base = _commit_tree(source, message, _changelog_date(source / "debian" / "changelog"))
+        base = _commit_tree(source, message, date)
         os.replace(source, work)
     shutil.rmtree(partial)
     return base
