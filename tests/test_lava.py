@@ -8,7 +8,7 @@ module started it). Nothing is mocked.
 - a server that is down: "unreachable"; a token the server refuses: "error", and the token is
   in no file the run wrote;
 - no device of the type online: "error", naming the devices it saw;
-- Ctrl-C on `invoke test-remote` cancels the job it follows.
+- Ctrl-C (SIGINT) or SIGTERM on `invoke test-remote` cancels the job it follows.
 
 Cold: about 3 minutes of LAVA setup, the series and base kernels (shared with
 tests/test_vfio_bar_race.py's builds), then 20-60 s per LAVA job under TCG.
@@ -219,8 +219,12 @@ def test_no_device_online_names_what_the_lab_has(lab: Lab, kernel_a: Path, tmp_p
     assert run.reason.startswith("no qemu with tags no-such-board device online"), run.reason
 
 
-def test_ctrl_c_cancels_the_job(lab: Lab, kernel_a: Path, tmp_path: Path) -> None:
-    """SIGINT, as a terminal's Ctrl-C sends it, once the job runs: the job ends Canceled."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_cancels_the_job(
+    lab: Lab, kernel_a: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGINT, as a terminal's Ctrl-C sends it, or SIGTERM, as a CI job's timeout or `kill`
+    does, once the job runs: the job ends Canceled."""
     env = {**os.environ, "KSERIES_CONFIG_DIR": str(lab.config.directory)}
     command = [INVOKE, "-r", str(PROJECT), "test-remote", "--box", "lab-qemu"]
     command += ["--kernel", str(kernel_a), "--tests", "smoke", "--out", str(tmp_path / "out")]
@@ -234,7 +238,7 @@ def test_ctrl_c_cancels_the_job(lab: Lab, kernel_a: Path, tmp_path: Path) -> Non
         found = re.search(r"job (\d+) submitted", line)
         job_id = int(found.group(1)) if found else job_id
         if job_id and f"job {job_id}: Running" in line:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signum)
             break
     rest = child.communicate(timeout=120)[0]
     print("".join(lines) + rest)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -363,7 +364,7 @@ def test_remote(
         )
     if keep_warm is None:
         keep_warm = settings.settings().get("keep_warm", False)
-    with _stopping_what_it_starts(chosen, keep_warm, log):
+    with terminate_as_interrupt(), _stopping_what_it_starts(chosen, keep_warm, log):
         started = time.monotonic()
         known = suite.load_tests(settings)
         specs = suite.soak(suite.select(known, tests), cycles, duration, known)
@@ -452,6 +453,25 @@ def test_remote(
             latest.unlink(missing_ok=True)
             latest.symlink_to(directory.name)
         return runs, directory
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI job's timeout, `kill`, systemd) ends the run as Ctrl-C does: LAVA jobs
+    canceled, builds and local boxes stopped; by default it would kill the process at once and
+    leave the lab's job running. Only the main thread can take signals: elsewhere, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
