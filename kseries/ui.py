@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import threading
 import time
@@ -92,16 +93,38 @@ def number(option: str, value: str | N, kind: type[N], minimum: N) -> N:
     return parsed
 
 
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI job's timeout, `kill`, systemd) ends a task as Ctrl-C does: LAVA jobs
+    canceled, make and local boxes stopped, a rebase's tree put back; by default it would kill
+    the process at once and leave all of that behind. Only the main thread takes signals:
+    elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def edge(task: F) -> F:
     """Wrap an invoke task: a ToolkitError is printed as one line plus a hint, exit status 1.
 
     So is an OSError (a read-only tree or output directory, a full disk, a path that is a
-    file): the user can fix those, so they get the path and the reason, not a traceback."""
+    file): the user can fix those, so they get the path and the reason, not a traceback.
+    SIGTERM interrupts the task as Ctrl-C does."""
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return task(*args, **kwargs)
+            with terminate_as_interrupt():
+                return task(*args, **kwargs)
         except ToolkitError as e:
             fail(e.message, e.hint)
         except OSError as e:

@@ -8,7 +8,9 @@ module started it). Nothing is mocked.
 - a server that is down: "unreachable"; a token the server refuses: "error", and the token is
   in no file the run wrote;
 - no device of the type online: "error", naming the devices it saw;
-- Ctrl-C on `invoke test-remote` cancels the job it follows.
+- an http artifact root: a web server on 127.0.0.1 serves the directory the toolkit writes
+  the artifacts into, and the job fetches them from it;
+- Ctrl-C (SIGINT) or SIGTERM on `invoke test-remote` cancels the job it follows.
 
 Cold: about 3 minutes of LAVA setup, the series and base kernels (shared with
 tests/test_vfio_bar_race.py's builds), then 20-60 s per LAVA job under TCG.
@@ -22,8 +24,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,7 @@ class Lab:
     config: Config
     url: str
     root: Path
+    token: str  # the token file's path
 
 
 def _setup(command: str) -> str:
@@ -67,6 +72,22 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def _lava_box(
+    url: str,
+    token: str,
+    *,
+    extra: str = "",
+    cmdline: str = "console=ttyS0,115200 panic=0",
+    artifacts: str = f'url = "file://{STATE}/artifacts"',
+) -> str:
+    """A [box.NAME] body of kind lava, for configs/local.toml."""
+    table = (
+        f'{{ url = "{url}", device_type = "qemu"{extra}, token_file = "{token}", '
+        f"artifacts = {{ {artifacts} }} }}"
+    )
+    return f'kind = "lava"\ncmdline = "{cmdline}"\ntimeouts = {{ boot = 240 }}\nlava = {table}\n'
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The lab up (started if it was not), and the project's configs with the lab's real URL
@@ -82,16 +103,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lava")
     configs = root / "configs"
     shutil.copytree(PROJECT / "configs", configs, ignore=shutil.ignore_patterns("local.toml"))
-    lava = (
-        '{{ url = "{url}", device_type = "qemu"{extra}, token_file = "{token}", '
-        'artifacts = {{ url = "file://{state}/artifacts" }} }}'
-    )
     token = facts["LAVA_TOKEN_FILE"]
 
     def box(url: str, extra: str = "", cmdline: str = "console=ttyS0,115200 panic=0") -> str:
-        table = lava.format(url=url, extra=extra, token=token, state=STATE)
-        head = f'kind = "lava"\ncmdline = "{cmdline}"\ntimeouts = {{ boot = 240 }}\n'
-        return f"{head}lava = {table}\n"
+        return _lava_box(url, token, extra=extra, cmdline=cmdline)
 
     # init and rdinit name no program: "Requested init /no/init failed", a panic (panic=0: it
     # stays down, LAVA does not reboot it)
@@ -106,7 +121,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         f"[box.lab-badtoken]\n{bad_token}[box.lab-notag]\n{no_tag}"
     )
     config = Config.load(configs)
-    yield Lab(config, url, root)
+    yield Lab(config, url, root, token)
     local.down(TestboxConfig.load(config).box("local"), log=lambda _: None)
     if not was_running:
         print(_setup("stop"))
@@ -187,6 +202,74 @@ def test_a_kernel_that_panics_is_boot_failed_with_the_panic_lines(
     assert run.tests == [] and run.after is None
 
 
+@contextmanager
+def _web_server(root: Path, log: Path) -> Iterator[int]:
+    """Python's http.server serving `root` on 127.0.0.1, on a port the OS picked (so it was
+    free), its access log in `log`; stopped by its PID at the end."""
+    command = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"]
+    with log.open("w") as errors:
+        server = subprocess.Popen(
+            [*command, "--directory", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    try:
+        assert server.stdout is not None
+        first = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 40123 (http://...)"
+        found = re.search(r" port (\d+) ", first)
+        assert found, first + log.read_text()
+        yield int(found.group(1))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_artifacts_served_over_http_are_fetched_by_the_lab(
+    lab: Lab, kernel_a: Path, tmp_path: Path
+) -> None:
+    """An http(s) artifact root, as a real lab's workers need: the toolkit writes the kernel,
+    ramdisk and tests into the box's `dir`, a web server on 127.0.0.1 serves that directory
+    under the box's `url`, and the job fetches all three from it."""
+    www = tmp_path / "www"
+    served = www / "kseries" / "artifacts"  # served at /kseries/artifacts: a url with a path
+    access = tmp_path / "access.log"
+    with _web_server(www, access) as port:
+        url = f"http://127.0.0.1:{port}/kseries/artifacts"
+        configs = tmp_path / "configs"
+        shutil.copytree(lab.config.directory, configs)
+        table = _lava_box(lab.url, lab.token, artifacts=f'url = "{url}/", dir = "{served}"')
+        with (configs / "local.toml").open("a") as local_toml:
+            local_toml.write(f"[box.lab-http]\n{table}")
+        config = Config.load(configs)
+        started = time.monotonic()
+        runs, _ = remote.test_remote(
+            config,
+            boxes=["lab-http"],
+            kernel_spec=str(kernel_a),
+            tests=["smoke"],
+            out=str(tmp_path / "out"),
+            log=print,
+        )
+        print(f"test_remote lab-http: {time.monotonic() - started:.0f}s")
+    (run,) = runs
+    assert run.verdict == "pass", run.reason
+    assert run.after and run.after["proc_version"].endswith(run.kernel["utsversion"])
+    published = sorted(p.name for p in served.iterdir())
+    assert len(published) == 3 and {n.split("-", 1)[1] for n in published} == {
+        "bzImage",
+        "ramdisk.cpio.gz",
+        "kseries-tests.tar",
+    }
+    job = (tmp_path / "out" / "lab-http" / "kernel" / "job.yaml").read_text()
+    fetched = access.read_text()
+    print(fetched)
+    for name in published:
+        assert f"{url}/{name}" in job  # the job names the http URL, not a file
+        assert re.search(rf'"GET /kseries/artifacts/{re.escape(name)} HTTP/1\.[01]" 200 ', fetched)
+
+
 def test_a_server_that_is_down_is_unreachable(lab: Lab, kernel_a: Path, tmp_path: Path) -> None:
     (run,) = test_remote(
         lab, tmp_path, boxes=["lab-down"], kernel_spec=str(kernel_a), tests=["smoke"]
@@ -219,8 +302,12 @@ def test_no_device_online_names_what_the_lab_has(lab: Lab, kernel_a: Path, tmp_p
     assert run.reason.startswith("no qemu with tags no-such-board device online"), run.reason
 
 
-def test_ctrl_c_cancels_the_job(lab: Lab, kernel_a: Path, tmp_path: Path) -> None:
-    """SIGINT, as a terminal's Ctrl-C sends it, once the job runs: the job ends Canceled."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_cancels_the_job(
+    lab: Lab, kernel_a: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGINT, as a terminal's Ctrl-C sends it, or SIGTERM, as a CI job's timeout or `kill`
+    does, once the job runs: the job ends Canceled."""
     env = {**os.environ, "KSERIES_CONFIG_DIR": str(lab.config.directory)}
     command = [INVOKE, "-r", str(PROJECT), "test-remote", "--box", "lab-qemu"]
     command += ["--kernel", str(kernel_a), "--tests", "smoke", "--out", str(tmp_path / "out")]
@@ -234,7 +321,7 @@ def test_ctrl_c_cancels_the_job(lab: Lab, kernel_a: Path, tmp_path: Path) -> Non
         found = re.search(r"job (\d+) submitted", line)
         job_id = int(found.group(1)) if found else job_id
         if job_id and f"job {job_id}: Running" in line:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signum)
             break
     rest = child.communicate(timeout=120)[0]
     print("".join(lines) + rest)

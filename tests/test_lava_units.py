@@ -229,3 +229,54 @@ def test_trace_on_a_lava_box_is_refused_before_any_build(tmp_path: Path) -> None
             Config.load(), boxes=["lab-qemu"], trace=True, out=str(tmp_path / "o"), log=print
         )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_sigterm_cancels_the_followed_job_as_ctrl_c_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (a CI timeout, `kill PID`) mid-job: the job is canceled, the run ends as an
+    interrupt, and the signal's previous handler is back. The lab is a stand-in for LAVA's
+    REST API on 127.0.0.1 (a job that runs until canceled): the real lab is tests/test_lava.py's."""
+    import http.server
+    import os
+    import signal
+    import threading
+
+    from kseries import ui
+
+    asked: list[str] = []
+
+    class Lab(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = json.dumps({"id": 7, "state": "Running", "actual_device": "qemu-01"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Lab)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lines: list[str] = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        box = lava_box(tmp_path, url=url)
+        follower = lavajob.LavaSession(box, log=lines.append)
+        k = _kernel(tmp_path)
+        before = signal.getsignal(signal.SIGTERM)
+        monkeypatch.setenv("KSERIES_UNIT_LAVA_TOKEN", "unit-token")
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt), ui.terminate_as_interrupt():
+            follower._follow(7, "kernel", Run("lab", "kernel", k.to_json()))
+        timer.join()
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "/api/v0.2/jobs/7/" in asked and asked[-1] == "/api/v0.2/jobs/7/cancel/"
+    assert lines[-1] == "lab: kernel: interrupted: canceled job 7"
