@@ -245,6 +245,7 @@ def test_grub_reboot_on_a_debian_box(debian: tuple[distro.DiskBox, Times], tmp_p
         machine.wait_for_ssh(60)
         machine.remote().start("reboot", wait=3)  # systemd's reboot returns at once
         machine.wait_until_down(600)
+        machine.wait_for_ssh(900, what="SSH on Debian's kernel")  # a full boot, as in step 1
         back = _identity(machine)
         assert back.proc_version == debian_kernel.proc_version
         assert back.boot_id != disk.after["boot_id"]
