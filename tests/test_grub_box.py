@@ -14,7 +14,8 @@ What it proves, in order (each phase's time is printed and kept in the test's ti
 5. a kernel that panics (an initrd whose /init cannot run) is "boot failed" with the panic on
    the console, and the power cycle brings the box back on Debian's kernel, cleaned up.
 With KSERIES_GRUB_KERNEL=MANIFEST (a build with configs/distro-box.config), also a one-shot
-boot of that kernel on the disk's own Debian userspace, without an initrd.
+boot of that kernel on the disk's own Debian userspace, without an initrd (systemd is PID 1, /
+is the disk's ext4), its cleanup run there, then a plain reboot back on Debian's kernel.
 
 Nothing is mocked. It takes 8 to 12 minutes under TCG (and about 3 minutes of image build when
 cold, much more on a loaded machine), so it runs only with KSERIES_GRUB_TEST=1; it needs root
@@ -63,7 +64,7 @@ default = "debian"
 
 [[test]]
 name = "identity"
-command = "cat /proc/version /proc/cmdline"
+command = "cat /proc/version /proc/cmdline /proc/1/comm; grep ' / ' /proc/mounts"
 timeout = 60
 """
 
@@ -227,8 +228,28 @@ def test_grub_reboot_on_a_debian_box(debian: tuple[distro.DiskBox, Times], tmp_p
         (disk,) = runs
         assert disk.verdict == "pass", disk.reason
         assert kernel.load(disk_kernel).matches(disk.after["proc_version"])
+        # Debian's own userspace: systemd is PID 1 and / is the disk's ext4, not an initramfs
+        shown = disk.tests[0].stdout.splitlines()
+        assert "systemd" in shown, shown
+        assert any(line.split()[1:3] == ["/", "ext4"] for line in shown[3:]), shown
         assert _gone(config)
-        times("one-shot boot of the distro-box kernel on the disk's own userspace")
+        t = disk.timings
+        times(
+            f"one-shot boot of the distro-box kernel on the disk's own userspace (upload "
+            f"{t['upload']:.0f}s, update-grub {t['update_grub']:.0f}s, shutdown "
+            f"{t['shutdown']:.0f}s, to SSH {t['to_ssh']:.0f}s, tests {t['tests']:.0f}s, cleanup "
+            f"on the test kernel {t['cleanup']:.0f}s)"
+        )
+        # its userspace has grub, so the cleanup ran there: the box is still on the test
+        # kernel, and the next plain reboot is back on Debian's (the saved entry)
+        machine.wait_for_ssh(60)
+        machine.remote().start("reboot", wait=3)  # systemd's reboot returns at once
+        machine.wait_until_down(600)
+        machine.wait_for_ssh(900, what="SSH on Debian's kernel")  # a full boot, as in step 1
+        back = _identity(machine)
+        assert back.proc_version == debian_kernel.proc_version
+        assert back.boot_id != disk.after["boot_id"]
+        times("plain reboot back to Debian's kernel")
 
 
 def _identity(machine: Machine) -> boot.Identity:
