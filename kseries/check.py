@@ -53,6 +53,7 @@ CHECK = Keys(
     }
 )
 
+
 @dataclass(frozen=True)
 class Gate:
     """One configuration every commit must build in."""

@@ -480,12 +480,7 @@ class Postman:
 
     @staticmethod
     def _placeholders(outbox: Outbox) -> MailCheck:
-        left = [
-            f"{m.path.name}: {p}"
-            for m in outbox.mails
-            for p in PLACEHOLDERS
-            if p in m.text
-        ]
+        left = [f"{m.path.name}: {p}" for m in outbox.mails for p in PLACEHOLDERS if p in m.text]
         return MailCheck(
             "no template placeholders",
             not left,

@@ -40,9 +40,7 @@ HEARTBEAT_SECONDS = 30.0
 
 
 @contextmanager
-def heartbeat(
-    what: str, progress: Callable[[], str], out: Console | None = None
-) -> Iterator[None]:
+def heartbeat(what: str, progress: Callable[[], str], out: Console | None = None) -> Iterator[None]:
     """While the block runs off a terminal, print `what: <progress()>, <elapsed>` every
     HEARTBEAT_SECONDS, so a long step never looks hung in a log. On a terminal: nothing (the
     caller's live display is there)."""

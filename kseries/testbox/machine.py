@@ -59,9 +59,7 @@ class Machine:
         if self._remote is not None:
             self._remote.close()
 
-    def wait_for_ssh(
-        self, timeout: float, *, what: str = "SSH", watch: int | None = None
-    ) -> float:
+    def wait_for_ssh(self, timeout: float, *, what: str = "SSH", watch: int | None = None) -> float:
         """Connect with backoff (0.2 s growing to 2 s) until `timeout`; return the seconds it
         took. Gives up early if a local box's QEMU exited, or if a remote box's console shows a
         panic after the mark `watch`. A host-key error is not retried."""
