@@ -260,8 +260,12 @@ class Remote:
                 if channel.recv_stderr_ready():
                     err += channel.recv_stderr(1 << 16)
                     continue
-                if channel.exit_status_ready() and not (
-                    channel.recv_ready() or channel.recv_stderr_ready()
+                # The exit status can come before the last stderr bytes (sshd reads the two
+                # pipes on its own schedule): done only once the server's EOF says no more.
+                if (
+                    channel.exit_status_ready()
+                    and channel.eof_received
+                    and not (channel.recv_ready() or channel.recv_stderr_ready())
                 ):
                     break
                 if channel.closed or not channel.get_transport().is_active():
