@@ -19,6 +19,13 @@ WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+
 COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
 
 
+def output(lines: Sequence[str]) -> tuple[tuple[str, ...], int]:
+    """What a make run printed, as the check stage compares it: the warning lines, and how
+    many objects it compiled."""
+    warnings = tuple(line for line in lines if WARNING.match(line.strip()))
+    return warnings, sum(1 for line in lines if COMPILE.match(line))
+
+
 def failure(
     lines: Sequence[str],
     code: int,
@@ -108,8 +115,7 @@ class BuildError(ToolkitError):
         self.file, self.line, self.context = file, line, context
         self.exit_code, self.log = exit_code, log
         # what make printed before it failed, as a finished run's Outcome keeps it
-        self.warnings = tuple(line for line in printed if WARNING.match(line.strip()))
-        self.compiled = sum(1 for line in printed if COMPILE.match(line))
+        self.warnings, self.compiled = output(printed)
 
 
 def _missing_tool(lines: Sequence[str]) -> ToolkitError | None:

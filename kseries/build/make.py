@@ -23,7 +23,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from kseries.build.failure import COMPILE, STEP, WARNING, failure
+from kseries.build.failure import STEP, failure
+from kseries.build.failure import output as printed_by
 from kseries.build.toolchain import Target, _env
 from kseries.core import run as door
 from kseries.ui import heartbeat
@@ -125,13 +126,7 @@ class MakeRun:
                 self.target,
                 tool=self.tool,
             )
-        return Outcome(
-            tuple(steps),
-            seconds,
-            Path(self.log_file.name),
-            tuple(line for line in output if WARNING.match(line.strip())),
-            sum(1 for line in output if COMPILE.match(line)),
-        )
+        return Outcome(tuple(steps), seconds, Path(self.log_file.name), *printed_by(output))
 
     def _step(self, line: str) -> tuple[str, str] | None:
         """(kind, path) of a step line; ninja's also sets the total, which it knows exactly."""
