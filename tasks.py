@@ -498,8 +498,8 @@ def _test_remote(
         **options,
     )
     console.print(report_stage.table(runs))
-    for soak in report_stage.soak_tables(runs):
-        console.print(soak)
+    for table in report_stage.soak_tables(runs) + report_stage.matrix_tables(runs):
+        console.print(table)
     for line in report_stage.details(runs):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {directory / 'report.json'}, {directory / 'junit.xml'}")

@@ -248,3 +248,44 @@ def test_unknown_box_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ToolkitError, match="no test box 'b'") as error:
         TestboxConfig.load(Config.load(configs)).box("b")
     assert "boxes: a" in error.value.hint
+
+
+def test_a_tests_files_go_once_and_fill_its_args(box: Box, tmp_path: Path) -> None:
+    """Two tests taking the same file: it is uploaded once, named by its content, and each
+    test's {NAME} becomes its path on the box; the run's kernel fills "kernel" files."""
+    from kseries.testbox import runner, suite
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "series.toml").write_text("")
+    (tmp_path / "data.txt").write_text("shared bytes\n")
+    (tmp_path / "show").write_text('#!/bin/sh\ncat "$@"\n')
+    (tmp_path / "configs" / "testboxes.toml").write_text(
+        "".join(
+            f'[[test]]\nname = "{name}"\nbinary = "../show"\nargs = ["{{data}}", "{{kernel}}"]\n'
+            'files = { data = "file:../data.txt", kernel = "kernel" }\n'
+            for name in ("one", "two")
+        )
+    )
+    from kseries.testbox.box import TestboxConfig
+
+    specs = suite.load_tests(TestboxConfig.load(Config.load(tmp_path / "configs")))
+    built = [suite.Builder(None).build(s).with_kernel(b"the kernel\n") for s in specs]
+    logged: list[str] = []
+    remote = Remote(box).connect()
+    results = runner.run_tests(
+        remote,
+        built,
+        workdir=box.workdir,
+        default_timeout=20,
+        env={},
+        box_vars={},
+        where="box",
+        log=logged.append,
+    )
+    remote.close()
+    assert [(r.name, r.status, r.stdout) for r in results] == [
+        (name, "pass", "shared bytes\nthe kernel\n") for name in ("one", "two")
+    ]
+    # the program (the same bytes under two names), data and kernel: each file once
+    assert len([line for line in logged if "uploaded" in line]) == 4
+    assert sorted(p.name[:5] for p in Path(box.workdir, "files").iterdir()) == ["data-", "kerne"]

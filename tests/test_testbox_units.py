@@ -542,3 +542,69 @@ def test_group_runs_boxes_side_by_side_and_keeps_each_outcome() -> None:
     with pytest.raises(ToolkitError, match="b is down"):
         result.values_or_raise()
     assert Group(boxes[:1]).run(lambda box: 1).values_or_raise() == [1]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("kernal", r"files\.f: 'kernal' names no source"),
+        ("recipe:nope/x", r"files\.f: no \[recipe\.nope\]"),
+        ("series:qemu@0", r"files\.f: series:qemu@0: @N is a number of patches"),
+        ("series:", r"names no source"),
+    ],
+)
+def test_a_bad_file_source_is_one_line(tmp_path: Path, source: str, message: str) -> None:
+    text = f'[[test]]\nname = "t"\ncommand = "true"\nfiles = {{ f = "{source}" }}\n'
+    with pytest.raises(ToolkitError, match=message) as caught:
+        suite.load_tests(TestboxConfig.load(configs(tmp_path, text)))
+    assert "testboxes.toml [[test]] #1 (t)" in str(caught.value)
+    assert "\n" not in str(caught.value) and caught.value.hint
+
+
+def test_file_sources_and_a_matrix_test_parse(tmp_path: Path) -> None:
+    text = (
+        '[recipe.cc]\ncommand = "true"\noutput = "{out}/x"\n'
+        '[[test]]\nname = "pair"\nbinary = "/bin/true"\ncells = ["stock", "patched"]\n'
+        'metrics = ["outcome", "toggles"]\n'
+        'files = { k = "kernel", g = "recipe:cc/guest", q = "series:qemu@1", p = "series:qemu",'
+        ' f = "file:fw.bin" }\n'
+    )
+    (spec,) = suite.load_tests(TestboxConfig.load(configs(tmp_path, text)))
+    assert {n: (s.kind, s.value, s.target, s.patches) for n, s in spec.files.items()} == {
+        "k": ("kernel", "", "", None),
+        "g": ("recipe", "", "guest", None),
+        "q": ("series", "qemu", "", 1),
+        "p": ("series", "qemu", "", None),
+        "f": ("file", str(tmp_path / "configs" / "fw.bin"), "", None),
+    }
+    assert spec.shown == ("stock_outcome", "stock_toggles", "patched_outcome", "patched_toggles")
+    with pytest.raises(ToolkitError, match="a matrix needs metrics"):
+        suite.load_tests(
+            TestboxConfig.load(
+                configs(tmp_path, '[[test]]\nname = "t"\ncommand = "true"\ncells = ["a"]\n')
+            )
+        )
+
+
+def test_the_matrix_has_a_row_per_kernel_and_a_column_per_cell() -> None:
+    shown = ("stock_outcome", "stock_toggles", "patched_outcome", "patched_toggles")
+    runs = []
+    for label, status, patched in (("ref base", "fail", "died"), ("kernel", "pass", "survived")):
+        run = report.Run("viommu", label, {}, after={"boot_id": "x"})
+        metrics = {"stock_outcome": "died", "stock_toggles": "1", "patched_outcome": patched}
+        run.tests = [
+            runner.TestResult(
+                "pair", status, metrics=metrics, shown=shown, cells=("stock", "patched")
+            )
+        ]
+        runs.append(run)
+    assert report.soak_tables(runs) == []  # a matrix is shown as one, not as a soak table
+    (grid,) = report.matrix_tables(runs)
+    out = Console(width=120, record=True, color_system=None)
+    out.print(grid)
+    text = out.export_text()
+    assert "pair on viommu" in text and "toggles 1" in text and "toggles -" in text
+    lines = text.splitlines()
+    base = next(i for i, line in enumerate(lines) if "ref base" in line)
+    series = next(i for i, line in enumerate(lines) if "kernel" in line and i > base)
+    assert "died" in lines[base] and "survived" in lines[series]

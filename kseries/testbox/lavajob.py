@@ -51,7 +51,6 @@ from kseries.testbox.runner import (
     command_line,
     judge,
     parse_summary,
-    remote_path,
     save_outputs,
     scan_dmesg,
 )
@@ -296,7 +295,7 @@ class LavaSession:
         devices = self.client.check_online()
         record.timings["reach"] = time.monotonic() - t
         self.log(f"{label}: LAVA {self.settings.url} as {user}; devices online: {devices}")
-        ready, early = self._script(tests)
+        ready, early = self._script([built.with_kernel(kernel.data) for built in tests])
         t = time.monotonic()
         urls = {
             "kernel": self.artifacts.publish("bzImage", kernel.data),
@@ -329,13 +328,12 @@ class LavaSession:
                 early[spec.name] = TestResult(spec.name, "error", reason=built.error)
                 continue
             try:
-                argv = spec.argv(self.box.vars, f"box {self.box.name}")
+                argv = spec.argv(self.box.vars, f"box {self.box.name}", built.file_paths(WORKDIR))
             except ToolkitError as e:
                 early[spec.name] = TestResult(spec.name, "error", reason=str(e))
                 continue
-            path = remote_path(WORKDIR, built) if built.data is not None else ""
-            if built.data is not None:
-                programs[path[len(WORKDIR) + 1 :]] = built.data
+            path = built.program_path(WORKDIR)
+            programs |= {p[len(WORKDIR) + 1 :]: data for p, data in built.uploads(WORKDIR).items()}
             env = {"KSERIES_BOX": self.box.name, **self.box.env}
             timeout = spec.timeout or self.box.timeouts.test
             lines.append({"name": spec.name, "line": command_line(built, argv, path, timeout, env)})
@@ -489,5 +487,6 @@ class LavaSession:
             stderr,
             reason,
             summary[1] if summary else {},
-            spec.metrics,
+            spec.shown,
+            spec.cells,
         )

@@ -9,14 +9,16 @@ them, writes report.json and junit.xml, and returns the runs.
 from __future__ import annotations
 
 import datetime
+import functools
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from kseries import records
+from kseries.build.manifest import Manifest
 from kseries.config import Config
 from kseries.core.files import exclusive
 from kseries.core.files import output_dir as checked_output_dir
@@ -32,6 +34,7 @@ from kseries.testbox.qemu import QemuBox
 from kseries.testbox.report import UNDER_TEST, Run
 from kseries.testbox.session import BoxSession, Log, Subject
 from kseries.testbox.trace import FaultTrace
+from kseries.workspace import Workspace
 
 # --- the reference kernel for --compare ----------------------------------------------------------
 
@@ -49,14 +52,21 @@ def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) ->
             "pass a bzImage or manifest, or test a kernel built by `invoke build`",
         )
     tree = Path(under_test.tree)
-    sha = _commit(tree, spec)
+    manifest = build_at(config, tree, _commit(tree, spec, f"--compare {spec}"), spec, log)
+    return kernel.load(str(manifest.path))
+
+
+def build_at(config: Config, tree: Path, sha: str, what: str, log: Log) -> Manifest:
+    """The build stage's build of commit `sha` of `tree` (configured by `config`), in a
+    detached worktree under ~/.cache/kseries/testbox/compare, kept so the next one rebuilds
+    incrementally. It is not "the last build": that pointer stays on the kernel under test."""
     base = compare_dir(tree)
     # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: the build stage makes
     # ccache hash paths relative to the common parent, so the two share cache hits.
-    worktree = base / "default-tree" / "linux"
+    worktree = base / "default-tree" / tree.name
     from kseries import build as build_stage
 
-    # One comparison at a time per tree: the worktree's checkout is this build's input.
+    # One build at a time per tree: the worktree's checkout is this build's input.
     with exclusive(base / ".lock", f"compare: waiting for another comparison in {base}", log):
         if not (worktree / ".git").exists():
             log(f"compare: adding a detached worktree of {tree} at {worktree}")
@@ -66,24 +76,47 @@ def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) ->
             run(["git", "-C", tree, "worktree", "add", "-f", "--detach", worktree, sha])
         else:
             run(["git", "-C", worktree, "checkout", "-q", "--detach", sha])
-        log(f"compare: building {spec} ({sha[:12]}) with the build stage")
-        # The reference is not "the last build": the pointer stays on the kernel under test.
-        manifest = build_stage.build(
-            config, tree=str(worktree), out=str(base / "build" / "linux"), log=log, set_last=False
+        log(f"compare: building {what} ({sha[:12]}) with the build stage")
+        return build_stage.build(
+            config, tree=str(worktree), out=str(base / "build" / tree.name), log=log, set_last=False
         )
-    return kernel.load(str(manifest.path))
+
+
+def series_builder(config: Config, log: Log) -> Callable[[str, int | None], Path]:
+    """What builds a test's "series:NAME[@N]" files: that series' branch at its tip, or
+    after its first N patches (the stock VMM beside the patched one), each built once a run."""
+
+    @functools.cache
+    def built(name: str, patches: int | None) -> Path:
+        other = Workspace(Config.load(config.configs, series=name), log=log)
+        count, branch = len(other.series.patches), other.series.branch
+        if patches is not None and patches > count:
+            raise ToolkitError(
+                f"series:{name}@{patches}: the series has {count} patches", f"use 1..{count}"
+            )
+        ref = branch if patches is None or patches == count else f"{branch}~{count - patches}"
+        tree = other.work.path
+        sha = _commit(tree, ref, f"series:{name}", f"run `invoke rebase --series {name}`")
+        manifest = build_at(other.config, tree, sha, f"series {name} at {ref}", log)
+        if manifest.bzimage is None:
+            raise ToolkitError(f"series {name}: its build made no image", "see its build log")
+        return Path(manifest.bzimage.path)
+
+    return built
 
 
 # --- composing it all ------------------------------------------------------------------------
 
 
-def _commit(tree: Path, spec: str) -> str:
+def _commit(
+    tree: Path,
+    spec: str,
+    what: str,
+    hint: str = "pass a branch, tag or sha of the tree, or a bzImage",
+) -> str:
     done = run(["git", "-C", tree, "rev-parse", "--verify", f"{spec}^{{commit}}"], check=False)
     if not done.ok:
-        raise ToolkitError(
-            f"--compare {spec}: not a file and not a commit in {tree}",
-            "pass a branch, tag or sha of the tree, or a bzImage",
-        )
+        raise ToolkitError(f"{what}: {spec} is not a file and not a commit in {tree}", hint)
     return done.stdout.strip()
 
 
@@ -146,7 +179,7 @@ def test_remote(
                 )
             subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
         tree = Path(under_test.tree) if under_test.tree else None
-        builder = suite.Builder(tree, log=log)
+        builder = suite.Builder(tree, log=log, series=series_builder(config, log))
         built = [builder.build(spec) for spec in specs]
         for b in built:
             if b.error:

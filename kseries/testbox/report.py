@@ -205,11 +205,43 @@ def _sum(values: Sequence[Any]) -> Any:
     return "-"
 
 
+def matrix_tables(runs: Sequence[Run]) -> list[Table]:
+    """One table per matrix test and box: a row per kernel, a column per cell, each cell its
+    metrics (the kernel+VMM pair: base/series against stock/patched QEMU and the control)."""
+    tables = []
+    for box in dict.fromkeys(run.box for run in runs):
+        found: dict[str, list[tuple[str, TestResult]]] = {}
+        for run in (r for r in runs if r.box == box):
+            for test in run.tests:
+                if test.cells:
+                    found.setdefault(test.name, []).append((run.label, test))
+        for name, results in found.items():
+            cells = results[0][1].cells
+            grid = Table(title=f"{name} on {box}", title_justify="left")
+            grid.add_column("")
+            for cell in cells:
+                grid.add_column(cell, justify="left")
+            for label, test in results:
+                row = []
+                for cell in cells:
+                    keys = [k for k in test.shown if k.startswith(f"{cell}_")]
+                    lines = [f"{k[len(cell) + 1 :]} {test.metrics.get(k, '-')}" for k in keys]
+                    row.append("\n".join(lines))
+                status = STYLE.get(test.status, "")
+                head = f"[{status}]{test.status.upper()}[/]" if status else test.status
+                grid.add_row(f"{label}\n{head}", *row)
+            tables.append(grid)
+    return tables
+
+
 def soak_tables(runs: Sequence[Run]) -> list[Table]:
     """One table per soak test, laid out like the verdict table: a column per box and kernel
-    (and the "all boxes" sums), a row per metric."""
+    (and the "all boxes" sums), a row per metric. A matrix test has its own tables instead."""
     tables = []
+    matrices = {t.name for run in runs for t in run.tests if t.cells}
     for name, rows in soak_rows(runs).items():
+        if name in matrices:
+            continue
         grid = Table(title=f"{name}: per box", title_justify="left")
         grid.add_column("")
         for row in rows:

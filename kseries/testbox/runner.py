@@ -15,6 +15,7 @@ notice, which only says the kernel is now tainted) are never hits; more can be l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import shlex
 import time
@@ -46,6 +47,7 @@ class TestResult:
     reason: str = ""
     metrics: dict[str, str] = field(default_factory=dict)  # from the summary line
     shown: tuple[str, ...] = ()  # the metrics the soak report shows
+    cells: tuple[str, ...] = ()  # a matrix test's columns: its metrics are CELL_METRIC
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -83,34 +85,29 @@ def scan_dmesg(text: str, ignore: Sequence[str] = ()) -> list[Splat]:
     return hits
 
 
-def remote_path(workdir: str, built: Built) -> str:
-    return f"{workdir}/tests/{built.spec.name}-{built.sha256[:12]}"
-
-
 def upload_tests(
     remote: Remote, workdir: str, tests: Sequence[Built], log: Log
-) -> dict[str, str | UploadError]:
-    """Upload the programs the box does not already hold (same sha256); name -> path on the
-    box, or the upload's error, which fails that test alone."""
-    wanted = {b.spec.name: remote_path(workdir, b) for b in tests if b.data is not None}
+) -> dict[str, UploadError]:
+    """Upload the programs and files the box does not already hold (same sha256, so a file
+    two tests take goes once); test name -> the upload error that fails that test alone."""
+    wanted: dict[str, tuple[bytes, list[str]]] = {}
+    for built in tests:
+        for path, data in built.uploads(workdir).items():
+            wanted.setdefault(path, (data, []))[1].append(built.spec.name)
     if not wanted:
         return {}
-    present = remote.sha256(*wanted.values())
-    placed: dict[str, str | UploadError] = {}
-    for built in tests:
-        if built.data is None:
-            continue
-        path = wanted[built.spec.name]
-        if present.get(path) == built.sha256:
-            placed[built.spec.name] = path
+    present = remote.sha256(*wanted)
+    failed: dict[str, UploadError] = {}
+    for path, (data, names) in wanted.items():
+        if present.get(path) == hashlib.sha256(data).hexdigest():
             continue
         try:
-            remote.upload(built.data, path, mode="755")
-            placed[built.spec.name] = path
-            log(f"tests: uploaded {built.spec.name} ({len(built.data) >> 10} KiB), sha256 verified")
+            remote.upload(data, path, mode="755")
+            name = path.rsplit("/", 1)[-1]
+            log(f"tests: uploaded {name} ({len(data) >> 10} KiB), sha256 verified")
         except UploadError as e:
-            placed[built.spec.name] = e
-    return placed
+            failed |= dict.fromkeys(names, e)
+    return failed
 
 
 def parse_summary(output: str) -> tuple[str, dict[str, str]] | None:
@@ -165,19 +162,19 @@ def run_tests(
     where: str,
     log: Log,
 ) -> list[TestResult]:
-    placed = upload_tests(remote, workdir, tests, log)
+    failed = upload_tests(remote, workdir, tests, log)
     results = []
     for built in tests:
         spec = built.spec
         if built.error:
             results.append(TestResult(spec.name, "error", reason=built.error))
             continue
-        path = placed.get(spec.name, "")
-        if isinstance(path, UploadError):
-            results.append(TestResult(spec.name, "error", reason=path.message))
+        if spec.name in failed:
+            results.append(TestResult(spec.name, "error", reason=failed[spec.name].message))
             continue
+        path = built.program_path(workdir)
         try:
-            argv = spec.argv(box_vars, where)
+            argv = spec.argv(box_vars, where, built.file_paths(workdir))
         except ToolkitError as e:
             results.append(TestResult(spec.name, "error", reason=str(e)))
             continue
@@ -224,7 +221,8 @@ def run_tests(
                 done.stderr,
                 reason,
                 summary[1] if summary else {},
-                spec.metrics,
+                spec.shown,
+                spec.cells,
             )
         )
         log(f"tests: {spec.name}: {status} ({done.duration:.1f}s)")

@@ -106,6 +106,7 @@ class BoxSession:
         record = Run(self.box.name, subject.label, k.to_json(), directory=directory)
         started = time.monotonic()
         mark = self.machine.console_mark()
+        tests = [built.with_kernel(k.data) for built in tests]
         try:
             self._run(record, subject, tests, directory, mark)
         except HostKeyError as e:

@@ -16,6 +16,16 @@ They run outside the tree's git state: all output goes to {out}.
 A test's `args` may name per-box facts as {NAME}: the box's `vars` table gives the value, the
 test's own `vars` the default (the vfio-bar-race test takes its device's BDF so).
 
+A test's `files` are uploaded beside its program, and each {NAME} in its args becomes the path
+of that file on the box. A file comes from this machine:
+  "kernel"                    the kernel under test (e.g. the L2 guest of a nested test);
+  "recipe:RECIPE/TARGET"      a recipe's program, built as a test's would be;
+  "series:NAME" / "NAME@N"    another series (a directory under configs/) built by the build
+                              stage at its branch's tip, or after its first N patches;
+  "file:PATH"                 a local file (relative to configs/).
+A test with `cells` reports a matrix: its summary line carries CELL_METRIC keys for each of
+its metrics, and the report shows one row per kernel and one column per cell.
+
 A test with a `soak` table takes `--cycles N` and `--duration S` (`invoke test-remote --cycles`
 and `--duration` pass them on); its timeout grows by `per_cycle` seconds a cycle, or by S.
 A test whose last output line reads `NAME: result=PASS|FAIL|SKIP|ERROR key=value ...` is judged
@@ -29,6 +39,7 @@ import os
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from kseries.config import BOOLEAN, NUMBER, STRING, STRING_TABLE, STRINGS, Keys, Names, Rows
@@ -67,9 +78,12 @@ TESTS = Rows(
             "vars": STRING_TABLE,
             "soak": Keys({"per_cycle": NUMBER}),
             "metrics": STRINGS,
+            "files": STRING_TABLE,
+            "cells": STRINGS,
         }
     )
 )
+FILE_KINDS = ("kernel", "recipe:RECIPE/TARGET", "series:NAME[@N]", "file:PATH")
 SKIP_EXIT = 4  # kselftest's KSFT_SKIP
 
 
@@ -80,6 +94,37 @@ class Recipe:
     output: str
     headers: bool = False
     strip: bool = True  # strip debug info before upload (smaller, faster to send)
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Where one of a test's `files` comes from (see FILE_KINDS)."""
+
+    kind: str  # kernel, recipe, series, file
+    value: str = ""  # the series' name, or the file's path
+    recipe: Recipe | None = None
+    target: str = ""
+    patches: int | None = None  # series: its branch after this many patches (None: the tip)
+
+    @classmethod
+    def parse(cls, text: str, recipes: dict[str, Recipe], directory: Path) -> FileSource:
+        """The source `text` names; ValueError (problem, hint) for one that cannot be."""
+        kind, _, value = text.partition(":")
+        if text == "kernel":
+            return cls("kernel")
+        if kind == "recipe" and "/" in value:
+            name, _, target = value.partition("/")
+            if name not in recipes:
+                raise ValueError(f"no [recipe.{name}]", f"recipes: {', '.join(sorted(recipes))}")
+            return cls("recipe", recipe=recipes[name], target=target)
+        if kind == "series" and value:
+            name, at, count = value.partition("@")
+            if at and not (count.isdigit() and int(count) > 0):
+                raise ValueError(f"{text}: @N is a number of patches", f"e.g. series:{name}@1")
+            return cls("series", name, patches=int(count) if at else None)
+        if kind == "file" and value:
+            return cls("file", str((directory / Path(value).expanduser()).resolve()))
+        raise ValueError(f"{text!r} names no source", f"one of: {', '.join(FILE_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -97,18 +142,26 @@ class TestSpec:
     vars: dict[str, str] = field(default_factory=dict)  # defaults of the {NAME}s in args
     per_cycle: float | None = None  # set: a soak test (takes --cycles and --duration)
     metrics: tuple[str, ...] = ()  # summary-line keys shown in the soak report
+    files: dict[str, FileSource] = field(default_factory=dict)  # {NAME} in args -> source
+    cells: tuple[str, ...] = ()  # a matrix test's columns (its keys are CELL_METRIC)
 
     @property
-    def needs_upload(self) -> bool:
-        return bool(self.binary or self.recipe)
+    def shown(self) -> tuple[str, ...]:
+        """The summary-line keys the report shows: a matrix's CELL_METRIC, in cell order."""
+        if not self.cells:
+            return self.metrics
+        return tuple(f"{cell}_{metric}" for cell in self.cells for metric in self.metrics)
 
     @property
     def is_soak(self) -> bool:
         return self.per_cycle is not None
 
-    def argv(self, box_vars: dict[str, str], where: str) -> list[str]:
-        """The args with their {NAME}s filled in from the box's vars over the test's own."""
-        values = {**self.vars, **box_vars}
+    def argv(
+        self, box_vars: dict[str, str], where: str, files: dict[str, str] | None = None
+    ) -> list[str]:
+        """The args with their {NAME}s filled in: the paths of its files on the box, else the
+        box's vars over the test's own."""
+        values = {**self.vars, **box_vars, **(files or {})}
         try:
             return [a.format_map(values) for a in self.args]
         except KeyError as e:
@@ -134,16 +187,40 @@ class TestSpec:
 
 @dataclass(frozen=True)
 class Built:
-    """A test ready to run: its spec and, for an uploaded program, the bytes to send."""
+    """A test ready to run: its spec and, for an uploaded program, the bytes to send, and its
+    files' bytes by name."""
 
     spec: TestSpec
     data: bytes | None = None
     source: Path | None = None
     error: str = ""  # why it could not be built (the test then reports "error")
+    files: dict[str, bytes] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest() if self.data is not None else ""
+
+    def with_kernel(self, image: bytes) -> Built:
+        """This test with its "kernel" files set to the kernel a run boots."""
+        named = [name for name, source in self.spec.files.items() if source.kind == "kernel"]
+        return replace(self, files={**self.files, **dict.fromkeys(named, image)}) if named else self
+
+    def program_path(self, workdir: str) -> str:
+        """Where its program goes on the box: named by content, so a box keeps what it has."""
+        return f"{workdir}/tests/{self.spec.name}-{self.sha256[:12]}" if self.data else ""
+
+    def file_paths(self, workdir: str) -> dict[str, str]:
+        """{NAME} -> where that file goes on the box (named by content too)."""
+        return {
+            name: f"{workdir}/files/{name}-{hashlib.sha256(data).hexdigest()[:12]}"
+            for name, data in self.files.items()
+        }
+
+    def uploads(self, workdir: str) -> dict[str, bytes]:
+        """Path on the box -> bytes, for the program and every file."""
+        paths = self.file_paths(workdir)
+        placed = {paths[name]: data for name, data in self.files.items()}
+        return {self.program_path(workdir): self.data, **placed} if self.data else placed
 
 
 def load_tests(config: TestboxConfig) -> list[TestSpec]:
@@ -186,6 +263,16 @@ def load_tests(config: TestboxConfig) -> list[TestSpec]:
             if not table.get("target"):
                 raise where.error("target", "a recipe test needs a target", "")
         soak = table.get("soak")
+        sources = {}
+        for key, text in table.get("files", {}).items():
+            try:
+                sources[key] = FileSource.parse(text, recipes, config.directory)
+            except ValueError as e:
+                problem, hint = e.args
+                raise where.error("files", f"files.{key}: {problem}", hint) from None
+        cells = tuple(table.get("cells", ()))
+        if cells and not table.get("metrics"):
+            raise where.error("cells", "a matrix needs metrics", "metrics = the keys per cell")
         binary = table.get("binary", "")
         if binary and "{" not in binary:
             binary = str((config.directory / Path(binary).expanduser()).resolve())
@@ -204,6 +291,8 @@ def load_tests(config: TestboxConfig) -> list[TestSpec]:
                 vars=dict(table.get("vars", {})),
                 per_cycle=float(soak.get("per_cycle", 0.1)) if soak is not None else None,
                 metrics=tuple(table.get("metrics", ())),
+                files=sources,
+                cells=cells,
             )
         )
     names = [t.name for t in tests]
@@ -246,12 +335,20 @@ def soak(
 class Builder:
     """Builds the recipe tests of one kernel tree into ~/.cache/kseries/testbox/build/KEY/."""
 
-    def __init__(self, tree: Path | None, *, jobs: int = 0, log: Log = lambda _: None) -> None:
+    def __init__(
+        self,
+        tree: Path | None,
+        *,
+        jobs: int = 0,
+        log: Log = lambda _: None,
+        series: Callable[[str, int | None], Path] | None = None,
+    ) -> None:
         self.tree = tree
         self.jobs = jobs or os.cpu_count() or 1
         self.log = log
         self.root = test_programs_dir(tree)
         self._headers: Path | None = None
+        self.series = series  # (name, patches) -> that series built there: "series:" files
 
     def headers(self, log_file: Path) -> Path:
         """`make headers_install` of the tree into our own O= directory (incremental)."""
@@ -267,28 +364,54 @@ class Builder:
         return self._headers
 
     def build(self, spec: TestSpec) -> Built:
-        if spec.command:
-            return Built(spec)
         try:
+            files = {
+                name: self._file(spec, source)
+                for name, source in spec.files.items()
+                if source.kind != "kernel"  # the kernel of each run: Built.with_kernel()
+            }
+            if spec.command:
+                return Built(spec, files=files)
             if spec.binary:
-                path = Path(spec.binary.format(tree=self.tree or ""))
-                if not path.is_file():
-                    raise ToolkitError(f"{path}: no such file", "build it or fix the path")
-                return Built(spec, path.read_bytes(), path)
-            # Two runs may build the same tree's tests at once: make in one O= directory at a
-            # time, and the bytes are read before the lock is let go.
-            waiting = f"tests: waiting for another build of the test programs in {self.root}"
-            with exclusive(self.root / ".lock", waiting, self.log):
-                return self._recipe(spec)
+                return Built(
+                    spec, *self._local(spec.binary.format(tree=self.tree or "")), files=files
+                )
+            assert spec.recipe is not None
+            data, source = self._recipe(spec.name, spec.recipe, spec.target)
+            return Built(spec, data, source, files=files)
         except ToolkitError as e:
             return Built(spec, error=str(e))
 
-    def _recipe(self, spec: TestSpec) -> Built:
-        recipe = spec.recipe
-        assert recipe is not None
+    def _file(self, spec: TestSpec, source: FileSource) -> bytes:
+        if source.kind == "file":
+            return self._local(source.value)[0]
+        if source.kind == "recipe":
+            assert source.recipe is not None
+            return self._recipe(spec.name, source.recipe, source.target)[0]
+        if self.series is None:
+            raise ToolkitError(
+                f"test {spec.name}: nothing here builds another series", "run it from test-remote"
+            )
+        return self.series(source.value, source.patches).read_bytes()
+
+    @staticmethod
+    def _local(name: str) -> tuple[bytes, Path]:
+        path = Path(name)
+        if not path.is_file():
+            raise ToolkitError(f"{path}: no such file", "build it or fix the path")
+        return path.read_bytes(), path
+
+    def _recipe(self, test: str, recipe: Recipe, target: str) -> tuple[bytes, Path]:
+        """Its program's bytes and path. Two runs may build the same tree's tests at once:
+        make in one O= directory at a time, and the bytes are read before the lock goes."""
+        waiting = f"tests: waiting for another build of the test programs in {self.root}"
+        with exclusive(self.root / ".lock", waiting, self.log):
+            return self._make(test, recipe, target)
+
+    def _make(self, test: str, recipe: Recipe, target: str) -> tuple[bytes, Path]:
         if self.tree is None:
             raise ToolkitError(
-                f"test {spec.name}: no kernel tree to build {spec.target} from",
+                f"test {test}: no kernel tree to build {target} from",
                 "test a kernel with a build manifest (invoke build), which names its tree",
             )
         out = self.root / recipe.name
@@ -298,14 +421,14 @@ class Builder:
             "tree": str(self.tree),
             "project": str(PROJECT),
             "out": str(out),
-            "target": spec.target,
+            "target": target,
             "jobs": str(self.jobs),
         }
         if recipe.headers:
             values["headers"] = str(self.headers(log_file))
         quoted = {k: shlex.quote(v) for k, v in values.items()}
         command = recipe.command.format(**quoted)
-        self._run(["sh", "-c", command], log_file, f"{recipe.name} {spec.target}")
+        self._run(["sh", "-c", command], log_file, f"{recipe.name} {target}")
         output = Path(recipe.output.format(**values))
         if not output.is_file():
             raise ToolkitError(f"recipe {recipe.name} made no {output}", f"see {log_file}")
@@ -315,8 +438,8 @@ class Builder:
                 scratch = scratch_name(stripped)
                 run(["strip", "--strip-debug", "-o", scratch, output])
                 os.replace(scratch, stripped)
-            return Built(spec, stripped.read_bytes(), output)
-        return Built(spec, output.read_bytes(), output)
+            return stripped.read_bytes(), output
+        return output.read_bytes(), output
 
     def _run(self, cmd: list[str], log_file: Path, what: str) -> None:
         with log_file.open("a") as f, heartbeat(f"building {what}", lambda: ""):
