@@ -314,7 +314,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
         kernelrelease="7.2.13+",
         utsversion="#1 SMP",
         target="bzImage",
-        bzimage=build.FileId.of(image),
+        image=build.FileId.of(image),
         config=build.FileId.of(image),
         base_config="tinyconfig",
         fragments=[{"name": "kvm-testbox", "path": "/p", "sha256": "b" * 64}],
@@ -329,8 +329,12 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     written = manifest.write(tmp_path / "manifest.json")
     assert Manifest.load(tmp_path / "manifest.json") == written
     data = json.loads((tmp_path / "manifest.json").read_text())
-    assert data["bzimage"]["sha256"] == build.sha256_file(image)
+    assert data["image"]["sha256"] == build.sha256_file(image)
     assert "path" not in data
+    # a manifest written before the meson kind called its artifact "bzimage"
+    data["bzimage"] = data.pop("image")
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Manifest.load(tmp_path / "old.json").image == written.image
 
 
 # --- real builds of the default tree (slow) -----------------------------------------------------
@@ -349,8 +353,8 @@ def test_real_build_of_the_default_tree(default_build: Manifest, config: Config)
     assert tree == (cache_dir() / "default-tree" / "linux").resolve()
     assert Path(m.build_dir) == build.default_build_dir(tree)
     image = Path(m.build_dir) / "arch/x86/boot/bzImage"
-    assert m.bzimage is not None and m.bzimage.path == str(image)
-    assert m.bzimage.sha256 == build.sha256_file(image) and m.bzimage.size > 1 << 20
+    assert m.image is not None and m.image.path == str(image)
+    assert m.image.sha256 == build.sha256_file(image) and m.image.size > 1 << 20
     assert m.path == str(image.parent / "manifest.json")
     assert Manifest.load(Path(m.path)) == m
     # the test-box stage reads the same file through its own reader: the two must agree
@@ -393,7 +397,7 @@ def test_invoke_build_again_rebuilds_nothing(default_build: Manifest) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert f"built {default_build.bzimage.path}" in done.stdout
+    assert f"built {default_build.image.path}" in done.stdout
     assert "7.2.13" in done.stdout and "manifest" in done.stdout
     assert compiled(Path(default_build.build_dir) / "kseries/build.log") == set()
     assert "configuring" not in done.stdout  # the .config was kept, so nothing is re-synced
@@ -465,7 +469,7 @@ def test_incremental_rebuild_after_touching_one_file(
     assert ("LD", "vmlinux.o") in made and ("BUILD", "arch/x86/boot/bzImage") in made
     assert after.commit == before.commit
     assert after.utsversion != before.utsversion
-    assert after.bzimage.sha256 != before.bzimage.sha256
+    assert after.image.sha256 != before.image.sha256
     assert "make bzImage" in screen.getvalue()  # the progress display was drawn
     print(
         f"worktree: full {before.wall_time_s:.1f}s (ccache {before.ccache}), "

@@ -385,8 +385,8 @@ def test_static_qemu_build(qemu_tree: WorkTree, tmp_path: Path) -> None:
     from kseries.build import build
 
     manifest = build(qemu_config(), tree=str(qemu_tree.path), out=str(tmp_path / "build"))
-    assert manifest.bzimage is not None
-    binary = Path(manifest.bzimage.path)
+    assert manifest.image is not None
+    binary = Path(manifest.image.path)
     assert manifest.kernelrelease == "QEMU 10.2.2"
     assert manifest.dirty is False
     assert 8 << 20 < binary.stat().st_size < 16 << 20
@@ -408,4 +408,4 @@ def test_static_qemu_build(qemu_tree: WorkTree, tmp_path: Path) -> None:
     ]
     assert warnings == []
     recorded = json.loads(Path(manifest.path).read_text())
-    assert recorded["bzimage"]["sha256"] == manifest.bzimage.sha256
+    assert recorded["image"]["sha256"] == manifest.image.sha256

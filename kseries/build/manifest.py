@@ -50,7 +50,7 @@ class Manifest:
     kernelrelease: str
     utsversion: str
     target: str
-    bzimage: FileId | None
+    image: FileId | None  # the artifact: a bzImage, or a meson build's binary
     config: FileId
     base_config: str
     fragments: list[dict[str, str]]  # name, path, sha256
@@ -74,7 +74,9 @@ class Manifest:
     def from_json(cls, text: str, path: str = "") -> Manifest:
         data = json.loads(text)
         data.pop("version", None)
-        for key in ("bzimage", "config"):
+        if "bzimage" in data:  # written before the meson kind: the artifact was a bzImage
+            data["image"] = data.pop("bzimage")
+        for key in ("image", "config"):
             if data.get(key):
                 data[key] = FileId(**data[key])
         return cls(**data, path=path)
@@ -119,10 +121,10 @@ def last_build() -> Manifest:
 def summary(manifest: Manifest) -> str:
     """What `invoke build` prints on success."""
     lines = []
-    if manifest.bzimage:
-        size = manifest.bzimage.size / (1 << 20)
-        lines.append(f"built {manifest.bzimage.path} ({size:.1f} MiB)")
-        lines.append(f"  sha256   {manifest.bzimage.sha256}")
+    if manifest.image:
+        size = manifest.image.size / (1 << 20)
+        lines.append(f"built {manifest.image.path} ({size:.1f} MiB)")
+        lines.append(f"  sha256   {manifest.image.sha256}")
     else:
         lines.append(f"built {manifest.target} in {manifest.build_dir}")
     if manifest.utsversion:
@@ -168,13 +170,13 @@ def utsversion(build_dir: Path) -> str:
 def _record(manifest: Manifest, target: Target, build_dir: Path, set_last: bool) -> Manifest:
     """Write the manifest next to the image (and point last.json at it), or, for a target
     without one, into the build directory's kseries/."""
-    if target.artifact != IMAGE or manifest.bzimage is None:
+    if target.artifact != IMAGE or manifest.image is None:
         return manifest.write(build_dir / "kseries" / f"manifest-{_safe(target.name)}.json")
     manifest = manifest.write((build_dir / IMAGE).parent / "manifest.json")
     if set_last:
         pointer = {
             "manifest": manifest.path,
-            "bzimage": manifest.bzimage.path if manifest.bzimage else "",
+            "bzimage": manifest.image.path,
             "kernelrelease": manifest.kernelrelease,
             "utsversion": manifest.utsversion,
         }

@@ -318,7 +318,7 @@ class Build:
             kernelrelease=version,
             utsversion=uts,
             target=self.target.name,
-            bzimage=FileId.of(image) if image.is_file() else None,
+            image=FileId.of(image) if image.is_file() else None,
             config=FileId.of(self.config_file),
             base_config=self.config.base,
             fragments=[

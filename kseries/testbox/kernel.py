@@ -88,7 +88,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ToolkitError(f"build manifest {path}: {e}", "run `invoke build` again") from e
-    image = data.get("bzimage")
+    image = data.get("image") or data.get("bzimage")  # the build manifest's, or an older one's
     sha = data.get("bzimage_sha256") or data.get("sha256")
     if isinstance(image, dict):
         sha = image.get("sha256", sha)

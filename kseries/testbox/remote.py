@@ -98,9 +98,9 @@ def series_builder(config: Config, log: Log) -> Callable[[str, int | None], Path
         tree = other.work.path
         sha = _commit(tree, ref, f"series:{name}", f"run `invoke rebase --series {name}`")
         manifest = build_at(other.config, tree, sha, f"series {name} at {ref}", log)
-        if manifest.bzimage is None:
+        if manifest.image is None:
             raise ToolkitError(f"series {name}: its build made no image", "see its build log")
-        return Path(manifest.bzimage.path)
+        return Path(manifest.image.path)
 
     return built
 
