@@ -6,6 +6,7 @@ and build take 10 minutes: tests/test_qemu_series.py has that one, opt-in)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import textwrap
@@ -15,18 +16,25 @@ import pytest
 
 from kseries.config import Config
 from kseries.errors import ToolkitError
-from kseries.paths import PROJECT
+from kseries.paths import PROJECT, compare_dir
 from kseries.testbox.remote import series_builder
 
 CONFIGURE = """\
 #!/bin/sh
-# what QEMU's configure leaves in its build directory: build.ninja and config-host.mak
+# what QEMU's configure leaves in its build directory: build.ninja and config-host.mak; the
+# compiler is its --cc, word by word, as QEMU's puts it in meson's native file
 src=$(cd "$(dirname "$0")" && pwd)
+cc=cc
+for arg; do case $arg in --cc=*) cc=${arg#--cc=};; esac; done
 cat > build.ninja <<NINJA
 rule cc
-  command = cp \\$in \\$out
+  command = $cc -c \\$in -o \\$out
   description = Compiling C object \\$out
-build prog: cc $src/prog.txt
+rule copy
+  command = cp \\$in \\$out
+  description = Linking target \\$out
+build unit.o: cc $src/unit.c
+build prog: copy $src/prog.txt | unit.o
 NINJA
 echo "CONFIG=1" > config-host.mak
 """
@@ -53,6 +61,7 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
     (tree / "meson.build").write_text("project('demo')\n")
     (tree / "VERSION").write_text("1.0\n")
     (tree / "prog.txt").write_text("stock\n")
+    (tree / "unit.c").write_text("int unit(void) { return 1; }\n")
     git(tree, "init", "-q", "-b", "master")
     git(tree, "add", ".")
     git(tree, "commit", "-qm", "base")
@@ -113,10 +122,14 @@ def test_a_series_is_built_at_its_tip_or_after_n_patches(demo: Config) -> None:
     logged: list[str] = []
     build = series_builder(demo, logged.append)
     assert build("demo", None).read_text() == "patched\n"
+    tree = demo.project / "tree"
+    if shutil.which("ccache"):  # the meson kind compiles through ccache too (configure's --cc)
+        built = compare_dir(tree) / "build" / "tree" / "kseries" / "manifest-prog.json"
+        ccache = json.loads(built.read_text())["ccache"]
+        assert ccache and ccache["hits"] + ccache["misses"] == 1
     assert build("demo", 1).read_text() == "stock, fixed build\n"
     assert build("demo", 2).read_text() == "patched\n"
     assert build("demo", None) == build("demo", None)  # once a run
-    tree = demo.project / "tree"
     assert git(tree, "rev-parse", "--abbrev-ref", "HEAD") == "master"  # the user's checkout
     assert sum("compare: building series demo" in line for line in logged) == 3
     with pytest.raises(ToolkitError, match="series:demo@3: the series has 2 patches"):

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +58,10 @@ class MesonConfig:
                     "install the Debian package that has it (ci/install.sh), or fix the path",
                 )
         return cls(tuple(table.get("configure", ())), devices, firmware)
+
+    def compiled_by(self, cc: str) -> MesonConfig:
+        """The same configuration with configure's --cc (ccache in front of the compiler)."""
+        return replace(self, arguments=(*self.arguments, f"--cc={cc}"))
 
     @property
     def base(self) -> str:

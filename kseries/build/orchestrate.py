@@ -186,13 +186,8 @@ class Build:
             target or settings.get("target") or "bzImage", settings.get("targets", {})
         )
         self.hosts = distcc or settings.get("distcc_hosts", "")
-        # QEMU's configure names the compiler in meson's native file, so meson does not put
-        # ccache in front of it: the meson kind builds without ccache
         use_ccache = bool(
-            not self.hosts
-            and not self.meson
-            and settings.get("ccache", True)
-            and shutil.which("ccache")
+            not self.hosts and settings.get("ccache", True) and shutil.which("ccache")
         )
         tools = MESON_TOOLS if self.meson else TOOLS
         check_tools([*tools, *self.target.needs, *(["distcc"] if self.hosts else [])])
@@ -216,7 +211,11 @@ class Build:
             self.make_vars.append("CC=distcc gcc")
             self.env["DISTCC_HOSTS"] = self.hosts
         elif use_ccache:
-            self.make_vars.append("CC=ccache gcc")
+            if isinstance(self.config, MesonConfig):
+                # QEMU's configure writes its --cc into meson's native file, word by word
+                self.config = self.config.compiled_by("ccache gcc")
+            else:
+                self.make_vars.append("CC=ccache gcc")
             self.env.update(_ccache_basedir(self.tree, self.build_dir))
         self.own = self.build_dir / "kseries"  # the toolkit's files: lock, log, state, stats
         self.stats_log = self.own / "ccache-stats.log" if use_ccache else None

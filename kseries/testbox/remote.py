@@ -61,9 +61,10 @@ def build_at(config: Config, tree: Path, sha: str, what: str, log: Log) -> Manif
     detached worktree under ~/.cache/kseries/testbox/compare, kept so the next one rebuilds
     incrementally. It is not "the last build": that pointer stays on the kernel under test."""
     base = compare_dir(tree)
-    # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: the build stage makes
-    # ccache hash paths relative to the common parent, so the two share cache hits.
-    worktree = base / "default-tree" / tree.name
+    # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME} (default-tree-qemu/qemu
+    # for QEMU): the build stage makes ccache hash paths relative to the common parent, so
+    # the two share cache hits.
+    worktree = base / tree.parent.name / tree.name
     from kseries import build as build_stage
 
     # One build at a time per tree: the worktree's checkout is this build's input.
