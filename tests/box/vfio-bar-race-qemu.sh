@@ -10,6 +10,8 @@
 #        patched = the patched QEMU, race
 #        control = the stock QEMU, no race (the guest's MMIO loop pauses around each MEM=0
 #                  phase): how long the nested stack itself survives the same memslot churn.
+#        patched-control = the patched QEMU, no race (not run unless --cells names it): tells
+#                  a hang of the nested stack from one of stock QEMU's ordering.
 #
 # One line per cell:
 #   cell=NAME outcome=survived|died|hung|panicked|error toggles=N memfault_exits=N deaths=N
@@ -37,6 +39,7 @@ TIMEOUT=
 BOOT_TIMEOUT=300
 STALL=60
 FIRMWARE=
+FIRMWARE_FILES=
 WORKDIR=
 L2_APPEND=
 PROGRESS=10
@@ -52,7 +55,7 @@ usage() {
 	cat <<EOF
 usage: $0 --qemu-stock PATH --qemu-patched PATH --kernel PATH --guest PATH
           [--bdf auto|BDF] [--cycles N] [--duration S] [--cells stock,patched,control]
-          [--timeout S] [--boot-timeout S] [--stall S] [--firmware DIR] [--workdir DIR]
+          [--timeout S] [--boot-timeout S] [--stall S] [--firmware DIR|NAME=PATH]... [--workdir DIR]
           [--append ARGS]
   --qemu-stock PATH    QEMU without the series (stock and control cells)
   --qemu-patched PATH  QEMU with the series (patched cell)
@@ -66,7 +69,8 @@ usage: $0 --qemu-stock PATH --qemu-patched PATH --kernel PATH --guest PATH
   --boot-timeout S     allowance for L2's boot (default $BOOT_TIMEOUT)
   --stall S            hung once L2's console (a line every 10 toggles) is silent for S
                        seconds after the test started (default $STALL; 0: only --timeout)
-  --firmware DIR       QEMU -L (default: the QEMU binary's directory if bios-256k.bin is there)
+  --firmware DIR       QEMU -L (default: the QEMU binary's directory if bios-256k.bin is there);
+  --firmware NAME=PATH  (repeatable) a file QEMU finds as NAME in its -L: a directory of links
   --workdir DIR        logs and L2's initramfs (default /tmp/vfio-bar-race-qemu)
   --append ARGS        more of L2's kernel command line
 EOF
@@ -95,7 +99,12 @@ while [ $# -gt 0 ]; do
 	--timeout) TIMEOUT=$2; shift ;;
 	--boot-timeout) BOOT_TIMEOUT=$2; shift ;;
 	--stall) STALL=$2; shift ;;
-	--firmware) FIRMWARE=$2; shift ;;
+	--firmware)
+		case $2 in
+		*=*) FIRMWARE_FILES="$FIRMWARE_FILES $2" ;;
+		*) FIRMWARE=$2 ;;
+		esac
+		shift ;;
 	--workdir) WORKDIR=$2; shift ;;
 	--append) L2_APPEND=$2; shift ;;
 	-h|--help) usage; exit 0 ;;
@@ -106,9 +115,9 @@ done
 
 # ---- arguments ----
 case ",$CELLS," in *,stock,*|*,control,*) need_stock=1 ;; *) need_stock=0 ;; esac
-case ",$CELLS," in *,patched,*) need_patched=1 ;; *) need_patched=0 ;; esac
+case ",$CELLS," in *,patched,*|*,patched-control,*) need_patched=1 ;; *) need_patched=0 ;; esac
 for c in $(echo "$CELLS" | tr ',' ' '); do
-	case "$c" in stock|patched|control) ;; *) error "unknown cell '$c'" ;; esac
+	case "$c" in stock|patched|control|patched-control) ;; *) error "unknown cell '$c'" ;; esac
 done
 [ "$need_stock" = 0 ] || [ -x "$QEMU_STOCK" ] || error "--qemu-stock '$QEMU_STOCK' is not executable"
 [ "$need_patched" = 0 ] || [ -x "$QEMU_PATCHED" ] ||
@@ -127,6 +136,14 @@ if [ -z "$TIMEOUT" ]; then
 fi
 [ -n "$WORKDIR" ] || WORKDIR=/tmp/vfio-bar-race-qemu
 mkdir -p "$WORKDIR" || error "cannot make $WORKDIR"
+if [ -n "$FIRMWARE_FILES" ]; then	# NAME=PATH: the files QEMU looks up by name in its -L
+	FIRMWARE=$WORKDIR/firmware
+	mkdir -p "$FIRMWARE" || error "cannot make $FIRMWARE"
+	for f in $FIRMWARE_FILES; do
+		[ -r "${f#*=}" ] || error "--firmware $f: not readable"
+		ln -sf "${f#*=}" "$FIRMWARE/${f%%=*}"
+	done
+fi
 
 # ---- the device ----
 hex() { v=$(cat "$1" 2>/dev/null) || v=; echo "$v"; }
@@ -329,8 +346,9 @@ run_cell() {	# NAME QEMU MODE
 	echo "cell=$name outcome=$outcome toggles=$toggles memfault_exits=${memf:-0}" \
 	     "deaths=$deaths hangs=$hangs panics=$panics ops=$ops dev_reads=$devr" \
 	     "ones_reads=$ones other_reads=$other seconds=$seconds detail=\"$detail\""
-	eval "c_${name}_outcome=$outcome c_${name}_toggles=$toggles c_${name}_other=$other"
-	keys="$keys ${name}_toggles=$toggles ${name}_memfault_exits=${memf:-0}"
+	v=$(echo "$name" | tr - _)
+	eval "c_${v}_outcome=$outcome c_${v}_toggles=$toggles c_${v}_other=$other"
+	keys="$keys ${name}_outcome=$outcome ${name}_toggles=$toggles ${name}_memfault_exits=${memf:-0}"
 	keys="$keys ${name}_deaths=$deaths ${name}_hangs=$hangs ${name}_panics=$panics"
 	keys="$keys ${name}_other_reads=$other"
 }
@@ -376,6 +394,7 @@ for c in $(echo "$CELLS" | tr ',' ' '); do
 	stock) run_cell stock "$QEMU_STOCK" race ;;
 	patched) run_cell patched "$QEMU_PATCHED" race ;;
 	control) run_cell control "$QEMU_STOCK" control ;;
+	patched-control) run_cell patched-control "$QEMU_PATCHED" control ;;
 	esac
 	pid=
 done
