@@ -37,7 +37,7 @@ pytestmark = [
         reason="the nested kernel+QEMU pair takes 8-20 minutes: KSERIES_PAIR_TEST=1",
     ),
 ]
-CELLS = ("stock", "patched", "control", "patched-control")
+CELLS = ("stock", "handler", "patched", "control")
 
 
 @pytest.fixture(scope="module")

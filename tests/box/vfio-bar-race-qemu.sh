@@ -8,6 +8,10 @@
 #
 # Cells: stock   = the stock QEMU, race
 #        patched = the patched QEMU, race
+#        handler = a QEMU with the series' memory-fault handling but not its last patch (which
+#                  takes the BAR's mmaps off before MEM=0 reaches the device, so that the
+#                  guest's own toggles never fault): the kernel half's exit, handled (not run
+#                  unless --cells names it; --qemu-handler)
 #        control = the stock QEMU, no race (the guest's MMIO loop pauses around each MEM=0
 #                  phase): how long the nested stack itself survives the same memslot churn.
 #        patched-control = the patched QEMU, no race (not run unless --cells names it): tells
@@ -29,6 +33,7 @@ set -u
 
 QEMU_STOCK=
 QEMU_PATCHED=
+QEMU_HANDLER=
 KERNEL=
 GUEST=
 BDF=auto
@@ -53,12 +58,13 @@ EXIT_SKIP=4
 
 usage() {
 	cat <<EOF
-usage: $0 --qemu-stock PATH --qemu-patched PATH --kernel PATH --guest PATH
+usage: $0 --qemu-stock PATH --qemu-patched PATH [--qemu-handler PATH] --kernel PATH --guest PATH
           [--bdf auto|BDF] [--cycles N] [--duration S] [--cells stock,patched,control]
           [--timeout S] [--boot-timeout S] [--stall S] [--firmware DIR|NAME=PATH]... [--workdir DIR]
           [--append ARGS]
   --qemu-stock PATH    QEMU without the series (stock and control cells)
   --qemu-patched PATH  QEMU with the series (patched cell)
+  --qemu-handler PATH  QEMU with the memory-fault handling, not the mmap ordering (handler cell)
   --kernel PATH        L2's bzImage
   --guest PATH         bar_race_guest (static), L2's /init
   --bdf BDF            the device (default auto: the first 1234:11e8)
@@ -90,6 +96,7 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 	--qemu-stock) QEMU_STOCK=$2; shift ;;
 	--qemu-patched) QEMU_PATCHED=$2; shift ;;
+	--qemu-handler) QEMU_HANDLER=$2; shift ;;
 	--kernel) KERNEL=$2; shift ;;
 	--guest) GUEST=$2; shift ;;
 	--bdf) BDF=$2; shift ;;
@@ -117,11 +124,14 @@ done
 case ",$CELLS," in *,stock,*|*,control,*) need_stock=1 ;; *) need_stock=0 ;; esac
 case ",$CELLS," in *,patched,*|*,patched-control,*) need_patched=1 ;; *) need_patched=0 ;; esac
 for c in $(echo "$CELLS" | tr ',' ' '); do
-	case "$c" in stock|patched|control|patched-control) ;; *) error "unknown cell '$c'" ;; esac
+	case "$c" in stock|patched|handler|control|patched-control) ;; *) error "unknown cell '$c'" ;; esac
 done
 [ "$need_stock" = 0 ] || [ -x "$QEMU_STOCK" ] || error "--qemu-stock '$QEMU_STOCK' is not executable"
 [ "$need_patched" = 0 ] || [ -x "$QEMU_PATCHED" ] ||
 	error "--qemu-patched '$QEMU_PATCHED' is not executable"
+case ",$CELLS," in
+*,handler,*) [ -x "$QEMU_HANDLER" ] || error "--qemu-handler '$QEMU_HANDLER' is not executable" ;;
+esac
 [ -r "$KERNEL" ] || error "--kernel '$KERNEL' is not readable"
 [ -r "$GUEST" ] || error "--guest '$GUEST' is not readable"
 case "$CYCLES" in ''|*[!0-9]*) error "--cycles '$CYCLES' is not a number" ;; esac
@@ -393,6 +403,7 @@ for c in $(echo "$CELLS" | tr ',' ' '); do
 	case "$c" in
 	stock) run_cell stock "$QEMU_STOCK" race ;;
 	patched) run_cell patched "$QEMU_PATCHED" race ;;
+	handler) run_cell handler "$QEMU_HANDLER" race ;;
 	control) run_cell control "$QEMU_STOCK" control ;;
 	patched-control) run_cell patched-control "$QEMU_PATCHED" control ;;
 	esac
