@@ -24,10 +24,12 @@
 #   vfio-bar-race-qemu: result=PASS|FAIL|ERROR|SKIP <cell>_<key>=N ... detail="..."
 # Exit status: 0 PASS, 1 FAIL, 2 ERROR (environment), 4 SKIP (no usable device/IOMMU group).
 #
-# PASS: the patched cell did not die (every KVM_EXIT_MEMORY_FAULT handled), read only the
-# device's ID or all ones, and survived every cycle or got at least as many toggles as the
-# control. FAIL: it died, read anything else, or stopped early where the control survived.
-# ERROR: it hung/panicked and so did the control (an environment failure, not the series').
+# Each of the patched and (when run) handler cells is judged against the control, and the
+# worse of the two is the result. PASS: it did not die (every KVM_EXIT_MEMORY_FAULT handled),
+# read only the device's ID or all ones, and survived every cycle or got at least as many
+# toggles as the control. FAIL: it died, read anything else, or stopped early where the
+# control survived. ERROR: it hung/panicked first and so did the control (an environment
+# failure, not the series').
 
 set -u
 
@@ -411,28 +413,54 @@ for c in $(echo "$CELLS" | tr ',' ' '); do
 done
 keys=${keys# }
 
-# ---- the verdict: the patched cell's, against the control's ----
+# ---- the verdict: the patched and handler cells', each against the control ----
+# judge CELL: sets j_result (PASS, FAIL or ERROR) and j_detail for one cell that was run.
+judge() {
+	eval "o=\$c_${1}_outcome t=\$c_${1}_toggles other=\$c_${1}_other"
+	co=${c_control_outcome:-} ct=${c_control_toggles:-0}
+	j_result=ERROR
+	case "$o" in
+	died) j_result=FAIL j_detail="the $1 cell died after $t toggles" ;;
+	error) j_detail="the $1 cell could not run" ;;
+	*)
+		if [ "$other" != 0 ]; then
+			j_result=FAIL
+			j_detail="the $1 cell read $other values that were neither the ID nor all ones"
+		elif [ "$o" = survived ]; then
+			j_result=PASS j_detail="the $1 cell survived all its toggles ($t)"
+		else	# hung or panicked
+			case "$co" in
+			hung|panicked)
+				if [ "$t" -ge "$ct" ]; then
+					j_result=PASS
+					j_detail="the $1 cell $o at toggle $t, no earlier than the control: an environment limit, no VM death"
+				else
+					j_detail="the $1 cell $o at toggle $t and the control $co at $ct: the environment fails without the race too"
+				fi ;;
+			survived)
+				j_result=FAIL
+				j_detail="the $1 cell $o at toggle $t where the control survived $ct" ;;
+			*) j_detail="the $1 cell $o at toggle $t, and no control to compare with" ;;
+			esac
+		fi ;;
+	esac
+}
+
 [ "$need_patched" = 1 ] || error "no patched cell: the verdict is the patched cell's" "$keys"
-po=$c_patched_outcome pt=$c_patched_toggles
-co=${c_control_outcome:-} ct=${c_control_toggles:-0}
-if [ "$po" = died ]; then
-	finish FAIL $EXIT_FAIL "the patched cell died at toggle $pt" "$keys"
-elif [ "$c_patched_other" != 0 ]; then
-	finish FAIL $EXIT_FAIL "the patched cell read $c_patched_other values that were neither the ID nor all ones" "$keys"
-elif [ "$po" = survived ]; then
-	finish PASS $EXIT_PASS "the patched cell survived all its toggles ($pt)${co:+, control $co at $ct}" "$keys"
-elif [ "$po" = error ]; then
-	error "the patched cell could not run" "$keys"
-fi
-# hung or panicked
-case "$co" in
-hung|panicked)
-	if [ "$pt" -ge "$ct" ]; then
-		finish PASS $EXIT_PASS "the patched cell $po at toggle $pt, no earlier than the control ($co at $ct): an environment limit, no VM death" "$keys"
-	fi
-	finish ERROR $EXIT_ERROR "the patched cell $po at toggle $pt and the control $co at $ct: the environment fails without the race too" "$keys" ;;
-survived)
-	finish FAIL $EXIT_FAIL "the patched cell $po at toggle $pt where the control survived $ct" "$keys" ;;
-*)
-	finish ERROR $EXIT_ERROR "the patched cell $po at toggle $pt, and no control to compare with" "$keys" ;;
+result=PASS detail=
+for c in patched handler; do
+	case ",$CELLS," in *,$c,*) ;; *) continue ;; esac
+	judge "$c"
+	detail="${detail:+$detail; }$j_detail"
+	case "$result/$j_result" in
+	*/FAIL) result=FAIL ;;
+	PASS/ERROR) result=ERROR ;;
+	esac
+done
+[ -z "${c_control_outcome:-}" ] ||
+	detail="$detail; control $c_control_outcome at $c_control_toggles"
+case $result in
+PASS) finish PASS $EXIT_PASS "$detail" "$keys" ;;
+FAIL) finish FAIL $EXIT_FAIL "$detail" "$keys" ;;
+*) finish ERROR $EXIT_ERROR "$detail" "$keys" ;;
 esac
