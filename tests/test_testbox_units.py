@@ -608,3 +608,21 @@ def test_the_matrix_has_a_row_per_kernel_and_a_column_per_cell() -> None:
     base = next(i for i, line in enumerate(lines) if "ref base" in line)
     series = next(i for i, line in enumerate(lines) if "kernel" in line and i > base)
     assert "died" in lines[base] and "survived" in lines[series]
+
+
+def test_a_matrix_test_killed_midway_keeps_its_finished_cells() -> None:
+    """No summary line (L1 hung in the patched cell and the test was killed): the cells it
+    finished still give their metrics; a summary line, when there is one, is what counts."""
+    out = (
+        'cell=stock outcome=died toggles=0 detail="kvm run failed Bad address"\n'
+        "cell=handler outcome=died toggles=0\n"
+        "vfio-bar-race-qemu: cell patched\n"
+    )
+    assert runner.metrics_of(out) == {
+        "stock_outcome": "died",
+        "stock_toggles": "0",
+        "stock_detail": "kvm run failed Bad address",
+        "handler_outcome": "died",
+        "handler_toggles": "0",
+    }
+    assert runner.metrics_of(out + "x: result=FAIL stock_toggles=1\n") == {"stock_toggles": "1"}

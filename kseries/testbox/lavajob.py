@@ -50,7 +50,7 @@ from kseries.testbox.runner import (
     TestResult,
     command_line,
     judge,
-    parse_summary,
+    metrics_of,
     save_outputs,
     scan_dmesg,
 )
@@ -476,7 +476,6 @@ class LavaSession:
         timeout = spec.timeout or self.box.timeouts.test
         exit_status = int(seen["exit"])
         status, reason = judge(exit_status, duration, timeout, stdout, stderr)
-        summary = parse_summary(stdout)
         self.log(f"tests: {spec.name}: {status} ({duration:.1f}s)")
         return TestResult(
             spec.name,
@@ -486,7 +485,7 @@ class LavaSession:
             stdout,
             stderr,
             reason,
-            summary[1] if summary else {},
+            metrics_of(stdout),
             spec.shown,
             spec.cells,
         )

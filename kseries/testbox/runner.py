@@ -31,6 +31,7 @@ Log = Callable[[str], None]
 SPLAT = re.compile(r"WARNING:|BUG:|Oops|KVM_BUG_ON|Call Trace")
 BENIGN = (r"Adding kernel taint for vfio-noiommu group",)
 GRACE = 15.0  # seconds the client waits beyond the box-side timeout
+CELL = re.compile(r"^cell=(\S+)\s+(.*)$", re.MULTILINE)  # a matrix test's finished cell
 SUMMARY = re.compile(r"^[\w.-]+: result=(PASS|FAIL|SKIP|ERROR)(?:\s+(.*))?$", re.MULTILINE)
 
 
@@ -116,12 +117,27 @@ def parse_summary(output: str) -> tuple[str, dict[str, str]] | None:
     if not found:
         return None
     result, rest = found[-1]
+    return result.lower(), _pairs(rest)
+
+
+def metrics_of(output: str) -> dict[str, str]:
+    """The summary line's key=value pairs; without one (a test killed midway), what the
+    matrix cells it finished printed on their `cell=NAME key=value ...` lines, as NAME_KEY."""
+    summary = parse_summary(output)
+    if summary is not None:
+        return summary[1]
+    found: dict[str, str] = {}
+    for cell, rest in CELL.findall(output):
+        found |= {f"{cell}_{key}": value for key, value in _pairs(rest).items()}
+    return found
+
+
+def _pairs(text: str) -> dict[str, str]:
     try:
-        words = shlex.split(rest)
+        words = shlex.split(text)
     except ValueError:
-        words = rest.split()
-    pairs = dict(w.split("=", 1) for w in words if "=" in w)
-    return result.lower(), pairs
+        words = text.split()
+    return dict(w.split("=", 1) for w in words if "=" in w)
 
 
 def command_line(
@@ -195,6 +211,9 @@ def run_tests(
                     e.stdout,
                     e.stderr,
                     f"no answer after {timeout + GRACE:g}s",
+                    metrics_of(e.stdout),
+                    spec.shown,
+                    spec.cells,
                 )
             )
             continue
@@ -210,7 +229,6 @@ def run_tests(
             )
             break
         status, reason = judge(done.exit_status, done.duration, timeout, done.stdout, done.stderr)
-        summary = parse_summary(done.stdout)
         results.append(
             TestResult(
                 spec.name,
@@ -220,7 +238,7 @@ def run_tests(
                 done.stdout,
                 done.stderr,
                 reason,
-                summary[1] if summary else {},
+                metrics_of(done.stdout),
                 spec.shown,
                 spec.cells,
             )
