@@ -43,8 +43,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EDU_VENDOR 0x1234
-#define EDU_DEVICE 0x11e8
+#include "pci_sysfs.h"
+
 #define EDU_ID 0x010000edu
 #define BAR_MAP_SIZE 0x1000
 #define PCI_COMMAND 0x04
@@ -87,14 +87,6 @@ static void say(const char *fmt, ...)
 	buf[n++] = '\n';
 	if (write(STDOUT_FILENO, buf, n) < 0)
 		return;
-}
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 static void sleep_ns(long ns)
@@ -143,56 +135,6 @@ static void skip(const char *fmt, ...)
 	va_end(ap);
 	say("bar-race-guest: %s", buf);
 	finish("SKIP", 0);
-}
-
-static int read_file(const char *path, char *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY);
-	ssize_t n;
-
-	if (fd < 0)
-		return -1;
-	n = read(fd, buf, len - 1);
-	close(fd);
-	if (n < 0)
-		return -1;
-	buf[n] = 0;
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		buf[--n] = 0;
-	return 0;
-}
-
-static unsigned long sysfs_hex(const char *bdf, const char *attr)
-{
-	char path[512], buf[64];
-
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/%s", bdf, attr);
-	if (read_file(path, buf, sizeof(buf)))
-		return ~0UL;
-	return strtoul(buf, NULL, 16);
-}
-
-static int find_edu(char *bdf, size_t len)
-{
-	DIR *d = opendir("/sys/bus/pci/devices");
-	struct dirent *e;
-	int found = 0;
-
-	if (!d)
-		return 0;
-	while (!found && (e = readdir(d))) {
-		size_t n = strlen(e->d_name);
-
-		if (e->d_name[0] == '.' || n >= len)
-			continue;
-		if (sysfs_hex(e->d_name, "vendor") == EDU_VENDOR &&
-		    sysfs_hex(e->d_name, "device") == EDU_DEVICE) {
-			memcpy(bdf, e->d_name, n + 1);
-			found = 1;
-		}
-	}
-	closedir(d);
-	return found;
 }
 
 /* bar_race.KEY=VALUE from the kernel command line. */

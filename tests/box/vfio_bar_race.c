@@ -49,6 +49,8 @@
 #include <linux/pci_regs.h>
 #include <linux/vfio.h>
 
+#include "pci_sysfs.h"
+
 /* Older uapi headers (Debian 12 ships 6.1) lack the memory-fault exit (Linux 6.8). */
 #ifndef KVM_EXIT_MEMORY_FAULT
 #define KVM_EXIT_MEMORY_FAULT 39
@@ -69,8 +71,6 @@ struct memfault_info {
 #define EXIT_SETUP 2
 #define EXIT_SKIP 4	/* KSFT_SKIP */
 
-#define EDU_VENDOR 0x1234
-#define EDU_DEVICE 0x11e8
 
 #define RAM_SLOT 0
 #define BAR_SLOT 1
@@ -168,14 +168,6 @@ static volatile int stop_req, vcpu_done, toggle_done, in_kvm_run, kick_for_diag;
 
 static double t_start;
 
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void say(const char *fmt, ...)
 {
 	va_list ap;
@@ -214,23 +206,6 @@ static void __attribute__((noreturn, format(printf, 2, 3))) bail(int code, const
 }
 
 /* ---- sysfs helpers ---- */
-static int read_file(const char *path, char *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY);
-	ssize_t n;
-
-	if (fd < 0)
-		return -1;
-	n = read(fd, buf, len - 1);
-	close(fd);
-	if (n < 0)
-		return -1;
-	buf[n] = 0;
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		buf[--n] = 0;
-	return 0;
-}
-
 static int write_file(const char *path, const char *s)
 {
 	int fd = open(path, O_WRONLY);
@@ -241,16 +216,6 @@ static int write_file(const char *path, const char *s)
 	n = write(fd, s, strlen(s));
 	close(fd);
 	return n == (ssize_t)strlen(s) ? 0 : -1;
-}
-
-static unsigned long sysfs_hex(const char *bdf, const char *attr)
-{
-	char path[256], buf[64];
-
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/%s", bdf, attr);
-	if (read_file(path, buf, sizeof(buf)))
-		return ~0UL;
-	return strtoul(buf, NULL, 16);
 }
 
 static int link_basename(const char *path, char *out, size_t len)
@@ -265,27 +230,6 @@ static int link_basename(const char *path, char *out, size_t len)
 	b = strrchr(buf, '/');
 	snprintf(out, len, "%s", b ? b + 1 : buf);
 	return 0;
-}
-
-static int find_edu(char *bdf, size_t len)
-{
-	DIR *d = opendir("/sys/bus/pci/devices");
-	struct dirent *e;
-	int found = 0;
-
-	if (!d)
-		return 0;
-	while (!found && (e = readdir(d))) {
-		if (e->d_name[0] == '.')
-			continue;
-		if (sysfs_hex(e->d_name, "vendor") == EDU_VENDOR &&
-		    sysfs_hex(e->d_name, "device") == EDU_DEVICE) {
-			snprintf(bdf, len, "%s", e->d_name);
-			found = 1;
-		}
-	}
-	closedir(d);
-	return found;
 }
 
 static void detect_mmu(void)
