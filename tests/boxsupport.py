@@ -28,6 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from kseries import build
+from kseries.config import Config
+from kseries.paths import cache_dir
 from kseries.testbox.qemu import free_port
 
 WRAPPER = """#!/bin/sh
@@ -193,3 +196,19 @@ class BlackHole:
 
     def close(self) -> None:
         self.socket.close()
+
+
+def build_series_kernel(config: Config, clone: Path) -> Path:
+    """The series kernel of `series_clone`, built by the build stage into the build directory
+    kept beside it (incremental on later runs); its manifest. The tests that boot it on
+    boxes with their own configs (a box's state under tmp) share it so."""
+    started = time.monotonic()
+    manifest = build.build(
+        config,
+        tree=str(clone),
+        out=str(cache_dir() / "ci-series" / "build" / "linux"),
+        set_last=False,
+        log=lambda _: None,
+    )
+    print(f"series kernel built in {time.monotonic() - started:.0f}s")
+    return Path(manifest.path)

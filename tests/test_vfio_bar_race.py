@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from kseries import build
 from kseries.config import Config
-from kseries.paths import PROJECT, cache_dir
+from kseries.paths import PROJECT
 from kseries.testbox import local, remote, report
 from kseries.testbox.box import TestboxConfig
 from kseries.testbox.runner import TestResult
+from tests.boxsupport import build_series_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -64,16 +64,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
 @pytest.fixture(scope="module")
 def series_kernel(config: Config, series_clone: Path) -> Path:
     """The series kernel, built by the build stage; its manifest."""
-    started = time.monotonic()
-    manifest = build.build(
-        config,
-        tree=str(series_clone),
-        out=str(cache_dir() / "ci-series" / "build" / "linux"),
-        set_last=False,
-        log=lambda _: None,
-    )
-    print(f"series kernel built in {time.monotonic() - started:.0f}s")
-    return Path(manifest.path)
+    return build_series_kernel(config, series_clone)
 
 
 def run(config: Config, out: Path, **options: object) -> list[report.Run]:

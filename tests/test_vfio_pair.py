@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from kseries import build
 from kseries.config import Config
 from kseries.gitrepo import WorkTree
 from kseries.paths import PROJECT, cache_dir
 from kseries.testbox import local, remote, report
 from kseries.testbox.box import TestboxConfig
+from tests.boxsupport import build_series_kernel
 
 pytestmark = [
     pytest.mark.slow,
@@ -80,14 +80,8 @@ def config(tmp_path_factory: pytest.TempPathFactory, qemu_clone: Path) -> Iterat
 
 @pytest.fixture(scope="module")
 def series_kernel(config: Config, series_clone: Path) -> Path:
-    manifest = build.build(
-        config,
-        tree=str(series_clone),
-        out=str(cache_dir() / "ci-series" / "build" / "linux"),
-        set_last=False,
-        log=lambda _: None,
-    )
-    return Path(manifest.path)
+    """The series kernel, built by the build stage; its manifest."""
+    return build_series_kernel(config, series_clone)
 
 
 def test_the_pair_matrix_base_and_series_against_stock_and_patched_qemu(
