@@ -333,7 +333,8 @@ class LavaSession:
                 early[spec.name] = TestResult(spec.name, "error", reason=str(e))
                 continue
             path = built.program_path(WORKDIR)
-            programs |= {p[len(WORKDIR) + 1 :]: data for p, data in built.uploads(WORKDIR).items()}
+            uploads = built.uploads(WORKDIR).items()
+            programs |= {p[len(WORKDIR) + 1 :]: data for p, (data, _) in uploads}
             env = {"KSERIES_BOX": self.box.name, **self.box.env}
             timeout = spec.timeout or self.box.timeouts.test
             lines.append({"name": spec.name, "line": command_line(built, argv, path, timeout, env)})

@@ -15,7 +15,6 @@ notice, which only says the kernel is now tainted) are never hits; more can be l
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import shlex
 import time
@@ -91,16 +90,16 @@ def upload_tests(
 ) -> dict[str, UploadError]:
     """Upload the programs and files the box does not already hold (same sha256, so a file
     two tests take goes once); test name -> the upload error that fails that test alone."""
-    wanted: dict[str, tuple[bytes, list[str]]] = {}
+    wanted: dict[str, tuple[bytes, str, list[str]]] = {}
     for built in tests:
-        for path, data in built.uploads(workdir).items():
-            wanted.setdefault(path, (data, []))[1].append(built.spec.name)
+        for path, (data, sha) in built.uploads(workdir).items():
+            wanted.setdefault(path, (data, sha, []))[2].append(built.spec.name)
     if not wanted:
         return {}
     present = remote.sha256(*wanted)
     failed: dict[str, UploadError] = {}
-    for path, (data, names) in wanted.items():
-        if present.get(path) == hashlib.sha256(data).hexdigest():
+    for path, (data, sha, names) in wanted.items():
+        if present.get(path) == sha:
             continue
         try:
             remote.upload(data, path, mode="755")

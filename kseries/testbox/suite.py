@@ -209,18 +209,22 @@ class Built:
         """Where its program goes on the box: named by content, so a box keeps what it has."""
         return f"{workdir}/tests/{self.spec.name}-{self.sha256[:12]}" if self.data else ""
 
+    @cached_property
+    def digests(self) -> dict[str, str]:
+        """Each file's sha256, hashed once: its name on the box, and what the box must hold."""
+        return {name: hashlib.sha256(data).hexdigest() for name, data in self.files.items()}
+
     def file_paths(self, workdir: str) -> dict[str, str]:
         """{NAME} -> where that file goes on the box (named by content too)."""
-        return {
-            name: f"{workdir}/files/{name}-{hashlib.sha256(data).hexdigest()[:12]}"
-            for name, data in self.files.items()
-        }
+        return {name: f"{workdir}/files/{name}-{sha[:12]}" for name, sha in self.digests.items()}
 
-    def uploads(self, workdir: str) -> dict[str, bytes]:
-        """Path on the box -> bytes, for the program and every file."""
+    def uploads(self, workdir: str) -> dict[str, tuple[bytes, str]]:
+        """Path on the box -> (bytes, sha256), for the program and every file."""
         paths = self.file_paths(workdir)
-        placed = {paths[name]: data for name, data in self.files.items()}
-        return {self.program_path(workdir): self.data, **placed} if self.data else placed
+        placed = {paths[name]: (data, self.digests[name]) for name, data in self.files.items()}
+        if self.data is None:
+            return placed
+        return {self.program_path(workdir): (self.data, self.sha256), **placed}
 
 
 def load_tests(config: TestboxConfig) -> list[TestSpec]:
