@@ -227,9 +227,7 @@ def matrix_tables(runs: Sequence[Run]) -> list[Table]:
                     keys = [k for k in test.shown if k.startswith(f"{cell}_")]
                     lines = [f"{k[len(cell) + 1 :]} {test.metrics.get(k, '-')}" for k in keys]
                     row.append("\n".join(lines))
-                status = STYLE.get(test.status, "")
-                head = f"[{status}]{test.status.upper()}[/]" if status else test.status
-                grid.add_row(f"{label}\n{head}", *row)
+                grid.add_row(f"{label}\n{_styled(test.status)}", *row)
             tables.append(grid)
     return tables
 
@@ -251,10 +249,15 @@ def soak_tables(runs: Sequence[Run]) -> list[Table]:
                 continue
             cells = [str(row[key]) for row in rows]
             if key == "status":
-                cells = [f"[{STYLE[c]}]{c.upper()}[/]" if c in STYLE else c for c in cells]
+                cells = [_styled(c) for c in cells]
             grid.add_row(key, *cells)
         tables.append(grid)
     return tables
+
+
+def _styled(status: str) -> str:
+    """A status as a report table shows it: upper case, in its colour (others as they are)."""
+    return f"[{STYLE[status]}]{status.upper()}[/]" if status in STYLE else status
 
 
 def details(runs: Sequence[Run]) -> list[str]:
