@@ -65,7 +65,7 @@ def test_the_qemu_series_loads_from_its_own_directories() -> None:
     )
     assert series.patches_dir == PROJECT / "patches" / "qemu"
     assert series.templates_dir == PROJECT / "templates" / "qemu"
-    assert [p.diff.name[:4] for p in series.patches] == ["0001", "0002", "0003", "0004", "0005"]
+    assert [p.diff.name[:4] for p in series.patches] == [f"{n:04}" for n in range(1, 7)]
     assert series.companions == ("kvm-x86-mmu-memory-fault",)
     messages = Changelog(series).messages()
     assert [m.subject.split(": ", 1)[0] for m in messages] == [
@@ -74,6 +74,7 @@ def test_the_qemu_series_loads_from_its_own_directories() -> None:
         "accel/kvm",
         "vfio/pci",
         "vfio/pci",
+        "system/memory",
     ]
     for message in messages:  # QEMU's rule is the kernel's: the submitter signs off last
         assert str(message.trailers[-1]) == (

@@ -242,7 +242,8 @@ run_cell() {	# NAME QEMU MODE
 		-nodefaults -display none -no-reboot -monitor "$monitor" -serial "file:$con" \
 		-kernel "$KERNEL" -initrd "$INITRD" -append "$append" \
 		-device "vfio-pci,host=$BDF" \
-		-trace 'kvm_memory_fault*' -trace 'vfio_pci_memory_fault*' -D "$trc" \
+		-trace 'kvm_memory_fault*' -trace 'vfio_pci_memory_fault*' \
+		-trace 'memory_region_ram_device_bus_error*' -D "$trc" \
 		> "$err" 2>&1 < /dev/null &
 	pid=$!
 	outcome= rc= detail= boot_wall= last_sz= last_t=0
@@ -345,6 +346,7 @@ run_cell() {	# NAME QEMU MODE
 	: "${toggles:=0}" "${ops:=0}" "${devr:=0}" "${ones:=0}" "${other:=0}"
 	memf=$(grep -c 'kvm_memory_fault' "$trc" 2>/dev/null)
 	handled=$(grep -c 'vfio_pci_memory_fault' "$trc" 2>/dev/null)
+	buserr=$(grep -c 'memory_region_ram_device_bus_error' "$trc" 2>/dev/null)
 	uptime=$(sed -n 's/.*start uptime=\([0-9.]*\).*/\1/p' "$con" 2>/dev/null |
 		 head -n 1)
 	deaths=0 hangs=0 panics=0
@@ -353,7 +355,8 @@ run_cell() {	# NAME QEMU MODE
 	hung) hangs=1 ;;
 	panicked) panics=1 ;;
 	esac
-	extra="l2_boot=${uptime:-?}s/${boot_wall:-?}s wall, handled=${handled:-0}${gsec:+, test ${gsec}s}"
+	extra="l2_boot=${uptime:-?}s/${boot_wall:-?}s wall, handled=${handled:-0}"
+	extra="$extra, bus_errors=${buserr:-0}${gsec:+, test ${gsec}s}"
 	detail=$(echo "$extra${detail:+; $detail}" | tr -d '"' | tr -s ' ' | cut -c 1-400)
 	echo "cell=$name outcome=$outcome toggles=$toggles memfault_exits=${memf:-0}" \
 	     "deaths=$deaths hangs=$hangs panics=$panics ops=$ops dev_reads=$devr" \
