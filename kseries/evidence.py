@@ -78,6 +78,38 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class Build:
+    """Another series' build a test used: "series:NAME" at its tip, or after N patches."""
+
+    series: str  # its --series name
+    commit: str
+    patches: int | None  # None: the whole series
+    ours: bool  # a build of the series being sent (of its branch)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    figures: tuple[tuple[str, str], ...]  # (metric, value), in the test's order
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    kernel: str  # "base" or "series"
+    status: str
+    cells: tuple[Cell, ...]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A matrix test on one box (the kernel+VMM pair): a row per kernel, a cell per VMM."""
+
+    test: str
+    box: str
+    rows: tuple[MatrixRow, ...]
+
+
+@dataclass(frozen=True)
 class Evidence:
     """What the Testing section says, and what the pre-send check says about it."""
 
@@ -88,6 +120,8 @@ class Evidence:
     outcomes: tuple[Outcome, ...]
     soaks: tuple[Soak, ...]
     gates: tuple[Gate, ...]
+    builds: tuple[Build, ...]  # the other series' builds the tests used (a VMM)
+    matrices: tuple[Matrix, ...]
     intel: bool  # some box ran kvm_intel (VMX, EPT)
     real_hardware: bool  # some box was not a local QEMU box
     failures: tuple[str, ...]  # what must stop a send: a failed series run, a failed gate
@@ -104,10 +138,16 @@ def find(tree: WorkTree, series: Series) -> Evidence:
     branch = series.branch
     tip = tree.rev(f"refs/heads/{branch}") or ""
     base_ref = f"{series.base.remote}/{series.base.branch}"
+    untested = "or add --untested to send without a Testing section"
     retest = (
         f"run `invoke build` and `invoke test-remote --compare {base_ref}` on it (`invoke "
-        "pipeline` does both), or add --untested to send without a Testing section"
+        f"pipeline` does both), {untested}"
     )
+    if series.configs and series.source.parent != series.configs:  # configs/NAME: a VMM's
+        retest = (
+            "run `invoke test-remote` with a test whose files build it at its tip "
+            f"(series:{series.source.parent.name}), {untested}"
+        )
     pointer = records.read(
         records.report_pointer(tree, branch), "test-remote record", "invoke test-remote"
     )
@@ -132,7 +172,7 @@ def find(tree: WorkTree, series: Series) -> Evidence:
     path = Path(str(pointer.get("report")))
     try:
         report = json.loads(path.read_text())
-        tested = str(report["kernel"]["commit"])
+        tested = _tested(report, tree.path, branch)
     except FileNotFoundError:
         raise ToolkitError(
             f"{path}, the newest test-remote report of {branch}, is gone", retest
@@ -141,12 +181,31 @@ def find(tree: WorkTree, series: Series) -> Evidence:
         raise records.damaged(path, "test-remote report", "invoke test-remote", e) from e
     if tested != commit:
         raise ToolkitError(
-            f"{path} was overwritten by a test of another kernel ({tested[:12]}), not "
+            f"{path} was overwritten by a test of another build ({tested[:12] or 'none'}), not "
             f"{branch} {tip[:12]}",
             retest,
         )
     check = records.read(records.check_record(tree, branch), "check record", "invoke check")
-    return _evidence(tip, path, report, check or {}, pointer, records.recorded_base(tree, branch))
+    return _evidence(
+        tip, path, report, check or {}, pointer, records.recorded_base(tree, branch), branch
+    )
+
+
+def _tested(report: dict[str, Any], tree: Path, branch: str) -> str:
+    """The commit of `branch` the report tested: its kernel's, or a series build's at its tip
+    (a VMM series is tested as a file of the kernel's tests); empty if neither."""
+    kernel = report["kernel"]
+    if kernel.get("branch") == branch and _same(kernel.get("tree"), tree):
+        return str(kernel["commit"])
+    for build in report.get("series_builds") or []:
+        tip = build.get("branch") == branch and build.get("patches") is None
+        if tip and _same(build.get("tree"), tree):
+            return str(build["commit"])
+    return ""
+
+
+def _same(path: object, tree: Path) -> bool:
+    return bool(path) and Path(str(path)).resolve() == tree.resolve()
 
 
 def _moved(tree: WorkTree, tested: str, tip: str) -> str:
@@ -167,12 +226,13 @@ def _evidence(
     check: dict[str, Any],
     pointer: dict[str, Any],
     recorded_base: str | None,
+    branch: str,
 ) -> Evidence:
     runs = [r for r in report.get("runs") or [] if isinstance(r, dict)]
     mine = [r for r in runs if r.get("label") == SERIES]
     theirs = [r for r in runs if r.get("label") != SERIES]
     kernel = report["kernel"]
-    series = Kernel(tip, str(kernel.get("kernelrelease", "")))
+    series = Kernel(str(kernel["commit"]), str(kernel.get("kernelrelease", "")))
     base = None
     warnings: list[str] = []
     if theirs:
@@ -222,6 +282,16 @@ def _evidence(
         outcomes=tuple(_outcomes(report, runs, boxes, bool(base))),
         soaks=tuple(_soaks(report.get("soak_report") or {})),
         gates=tuple(gates),
+        builds=tuple(
+            Build(
+                str(b.get("series")),
+                str(b.get("commit")),
+                b.get("patches"),
+                b.get("branch") == branch,
+            )
+            for b in report.get("series_builds") or []
+        ),
+        matrices=tuple(_matrices(runs, boxes)),
         intel=any(b.intel for b in boxes),
         real_hardware=any(not b.qemu for b in boxes),
         failures=tuple(failures),
@@ -303,6 +373,37 @@ def _status(run: dict[str, Any] | None, test: str) -> str:
             status = str(result.get("status", "?"))
             return status.upper() if status in ("pass", "fail", "skip") else status
     return str(run.get("verdict") or "not run")
+
+
+def _matrices(runs: list[dict[str, Any]], boxes: list[Box]) -> Iterable[Matrix]:
+    """Per matrix test and box, its cells' figures on each kernel (base first)."""
+    for box in boxes:
+        mine = sorted(
+            (r for r in runs if r.get("box") == box.name), key=lambda r: r.get("label") == SERIES
+        )
+        found: dict[str, list[MatrixRow]] = {}
+        for run in mine:
+            for test in run.get("tests") or []:
+                if not test.get("cells"):
+                    continue
+                metrics, shown = test.get("metrics") or {}, test.get("shown") or []
+                cells = tuple(
+                    Cell(
+                        cell,
+                        tuple(
+                            (k[len(cell) + 1 :], str(metrics[k]))
+                            for k in shown
+                            if k.startswith(f"{cell}_") and k in metrics
+                        ),
+                    )
+                    for cell in test["cells"]
+                )
+                kernel = "series" if run.get("label") == SERIES else "base"
+                found.setdefault(test["name"], []).append(
+                    MatrixRow(kernel, _status(run, test["name"]), cells)
+                )
+        for test_name, rows in found.items():
+            yield Matrix(test_name, box.name, tuple(rows))
 
 
 def _soaks(soak_report: dict[str, list[dict[str, Any]]]) -> Iterable[Soak]:

@@ -402,7 +402,7 @@ def test_a_report_overwritten_by_another_kernel_is_refused(sent: Project, tmp_pa
     data = json.loads(path.read_text())
     data["kernel"]["commit"] = "f" * 40
     path.write_text(json.dumps(data))
-    with pytest.raises(ToolkitError, match="was overwritten by a test of another kernel"):
+    with pytest.raises(ToolkitError, match="was overwritten by a test of another build"):
         postman(sent).format(tmp_path / "out")
 
 

@@ -410,3 +410,120 @@ def test_static_qemu_build(qemu_tree: WorkTree, tmp_path: Path) -> None:
     assert warnings == []
     recorded = json.loads(Path(manifest.path).read_text())
     assert recorded["image"]["sha256"] == manifest.image.sha256
+
+
+# --- the cover letter's Testing section, from the pair test's report ---------------------------
+
+
+def pair_report(tree: Path, branch: str, tip: str) -> dict:
+    """report.json as test-remote writes it for vfio-bar-race-qemu with --compare: the QEMU
+    series built at @1 and at its tip, each kernel's run with the test's cells and metrics
+    (TestResult.to_json's, and Run's keys that evidence reads)."""
+    cells, metrics = ("stock", "patched", "control"), ("outcome", "toggles", "memfault_exits")
+
+    def run(label: str, commit: str, figures: dict[str, tuple[str, str, str]], status: str):
+        values = {
+            f"{c}_{m}": v for c, row in figures.items() for m, v in zip(metrics, row, strict=True)
+        }
+        return {
+            "box": "local-pair",
+            "label": label,
+            "verdict": "pass" if status == "pass" else "fail",
+            "kernel": {"commit": commit, "kernelrelease": "7.2.13"},
+            "tests": [
+                {
+                    "name": "vfio-bar-race-qemu",
+                    "status": status,
+                    "metrics": values,
+                    "cells": list(cells),
+                    "shown": [f"{c}_{m}" for c in cells for m in metrics],
+                }
+            ],
+            "kvm": {"mmu": "TDP MMU", "cpu": "AMD EPYC", "npt": "Y", "params": {}},
+        }
+
+    return {
+        "kernel": {"commit": "a" * 40, "branch": "kvm-v2", "tree": "/k", "kernelrelease": "7.2.13"},
+        "compare": "kvm-x86/next",
+        "boxes": ["local-pair"],
+        "tests": ["vfio-bar-race-qemu"],
+        "series_builds": [
+            {
+                "series": "qemu",
+                "tree": str(tree),
+                "branch": branch,
+                "commit": "c" * 40,
+                "patches": 1,
+                "sha256": "1" * 64,
+            },
+            {
+                "series": "qemu",
+                "tree": str(tree),
+                "branch": branch,
+                "commit": tip,
+                "patches": None,
+                "sha256": "2" * 64,
+            },
+        ],
+        "runs": [
+            run(
+                "ref kvm-x86/next",
+                "b" * 40,
+                {
+                    "stock": ("died", "1", "0"),
+                    "patched": ("hung", "80", "0"),
+                    "control": ("hung", "60", "0"),
+                },
+                "fail",
+            ),
+            run(
+                "kernel",
+                "a" * 40,
+                {
+                    "stock": ("died", "1", "2"),
+                    "patched": ("survived", "300", "0"),
+                    "control": ("hung", "60", "0"),
+                },
+                "pass",
+            ),
+        ],
+    }
+
+
+def test_the_pair_report_is_the_qemu_series_evidence(tmp_path: Path) -> None:
+    from kseries import evidence
+
+    series = series_stage.load(qemu_config())
+    tip = "d" * 40
+    report = pair_report(tmp_path, series.branch, tip)
+    # the QEMU branch's tested commit is its tip build's, not the kernel's
+    assert evidence._tested(report, tmp_path, series.branch) == tip
+    assert evidence._tested(report, tmp_path, "other-v1") == ""
+    assert evidence._tested(report, Path("/k"), "kvm-v2") == "a" * 40
+    found = evidence._evidence(
+        tip,
+        tmp_path / "report.json",
+        report,
+        {},
+        {"local_qemu": ["local-pair"]},
+        None,
+        series.branch,
+    )
+    assert not found.failures
+    assert [(b.patches, b.ours) for b in found.builds] == [(1, True), (None, True)]
+    [matrix] = found.matrices
+    assert [(r.kernel, r.status) for r in matrix.rows] == [("base", "FAIL"), ("series", "PASS")]
+    assert matrix.rows[1].cells[1].figures == (
+        ("outcome", "survived"),
+        ("toggles", "300"),
+        ("memfault_exits", "0"),
+    )
+    body = Changelog(series).cover_letter(evidence=found).body
+    testing = body[body.index("Testing:") :]
+    assert "  cccccccccccc: patch 1\n  dddddddddddd: the whole series\n" in testing
+    assert "  base:   bbbbbbbbbbbb (kvm-x86/next), 7.2.13\n" in testing
+    assert "  series kernel (PASS):\n" in testing
+    assert "    patched: outcome survived, toggles 300, memfault_exits 0\n" in testing
+    assert "Not run: real hardware with an assigned device." in testing
+    assert max(len(line) for line in testing.splitlines()) <= 72
+    assert body.index("The KVM half") < body.index("Testing:")

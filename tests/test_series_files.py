@@ -6,6 +6,7 @@ and build take 10 minutes: tests/test_qemu_series.py has that one, opt-in)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, compare_dir
-from kseries.testbox.remote import series_builder
+from kseries.testbox.remote import SeriesBuilder
 
 CONFIGURE = """\
 #!/bin/sh
@@ -120,7 +121,7 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
 
 def test_a_series_is_built_at_its_tip_or_after_n_patches(demo: Config) -> None:
     logged: list[str] = []
-    build = series_builder(demo, logged.append)
+    build = SeriesBuilder(demo, logged.append)
     assert build("demo", None).read_text() == "patched\n"
     tree = demo.project / "tree"
     if shutil.which("ccache"):  # the meson kind compiles through ccache too (configure's --cc)
@@ -134,11 +135,20 @@ def test_a_series_is_built_at_its_tip_or_after_n_patches(demo: Config) -> None:
     assert sum("compare: building series demo" in line for line in logged) == 3
     with pytest.raises(ToolkitError, match="series:demo@3: the series has 2 patches"):
         build("demo", 3)
+    tip = git(tree, "rev-parse", "demo-v1")
+    # @2 of 2 is the tip: one build, named as the whole series
+    assert [(b.series, b.branch, b.patches) for b in build.builds] == [
+        ("demo", "demo-v1", None),
+        ("demo", "demo-v1", 1),
+    ]
+    assert build.builds[0].commit == tip
+    assert build.builds[1].commit == git(tree, "rev-parse", "demo-v1~1")
+    assert build.builds[0].to_json()["sha256"] == hashlib.sha256(b"patched\n").hexdigest()
 
 
 def test_a_series_not_rebased_yet_says_how(demo: Config) -> None:
     tree = demo.project / "tree"
     git(tree, "branch", "-qD", "demo-v1")
     with pytest.raises(ToolkitError, match="demo-v1 is not a file and not a commit") as caught:
-        series_builder(demo, lambda _: None)("demo", None)
+        SeriesBuilder(demo, lambda _: None)("demo", None)
     assert caught.value.hint == "run `invoke rebase --series demo`"

@@ -9,13 +9,14 @@ them, writes report.json and junit.xml, and returns the runs.
 from __future__ import annotations
 
 import datetime
-import functools
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kseries import records
 from kseries.build.manifest import Manifest
@@ -83,27 +84,74 @@ def build_at(config: Config, tree: Path, sha: str, what: str, log: Log) -> Manif
         )
 
 
-def series_builder(config: Config, log: Log) -> Callable[[str, int | None], Path]:
-    """What builds a test's "series:NAME[@N]" files: that series' branch at its tip, or
-    after its first N patches (the stock VMM beside the patched one), each built once a run."""
+@dataclass(frozen=True)
+class SeriesBuild:
+    """A test's "series:NAME[@N]" file as built: the commit of which branch, and the image."""
 
-    @functools.cache
-    def built(name: str, patches: int | None) -> Path:
-        other = Workspace(Config.load(config.configs, series=name), log=log)
+    series: str
+    tree: Path
+    branch: str
+    commit: str
+    patches: int | None  # None: the branch's tip, the series as it is sent
+    image: Path
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "series": self.series,
+            "tree": str(self.tree),
+            "branch": self.branch,
+            "commit": self.commit,
+            "patches": self.patches,
+            "sha256": self.sha256,
+        }
+
+
+class SeriesBuilder:
+    """What builds a test's "series:NAME[@N]" files: that series' branch at its tip, or after
+    its first N patches (the stock VMM beside the patched one), each built once a run. It
+    keeps what it built: the report names them, and a series tested at its tip gets the
+    report as its own evidence."""
+
+    def __init__(self, config: Config, log: Log) -> None:
+        self.config = config
+        self.log = log
+        self._built: dict[tuple[str, int | None], SeriesBuild] = {}
+
+    def __call__(self, name: str, patches: int | None) -> Path:
+        key = (name, patches)
+        if key not in self._built:
+            self._built[key] = self._build(name, patches)
+        return self._built[key].image
+
+    @property
+    def builds(self) -> list[SeriesBuild]:
+        """Each build once, in the order they were made (@N of N is the tip)."""
+        return list(dict.fromkeys(self._built.values()))
+
+    def _build(self, name: str, patches: int | None) -> SeriesBuild:
+        other = Workspace(Config.load(self.config.configs, series=name), log=self.log)
         count, branch = len(other.series.patches), other.series.branch
         if patches is not None and patches > count:
             raise ToolkitError(
                 f"series:{name}@{patches}: the series has {count} patches", f"use 1..{count}"
             )
-        ref = branch if patches is None or patches == count else f"{branch}~{count - patches}"
+        whole = patches is None or patches == count
+        ref = branch if whole else f"{branch}~{count - patches}"
         tree = other.work.path
         sha = _commit(tree, ref, f"series:{name}", f"run `invoke rebase --series {name}`")
-        manifest = build_at(other.config, tree, sha, f"series {name} at {ref}", log)
+        manifest = build_at(other.config, tree, sha, f"series {name} at {ref}", self.log)
         if manifest.image is None:
             raise ToolkitError(f"series {name}: its build made no image", "see its build log")
-        return Path(manifest.image.path)
-
-    return built
+        return SeriesBuild(
+            name,
+            tree,
+            branch,
+            sha,
+            None if whole else patches,
+            Path(manifest.image.path),
+            manifest.image.sha256,
+        )
 
 
 # --- composing it all ------------------------------------------------------------------------
@@ -180,7 +228,8 @@ def test_remote(
                 )
             subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
         tree = Path(under_test.tree) if under_test.tree else None
-        builder = suite.Builder(tree, log=log, series=series_builder(config, log))
+        series_builds = SeriesBuilder(config, log)
+        builder = suite.Builder(tree, log=log, series=series_builds)
         built = [builder.build(spec) for spec in specs]
         for b in built:
             if b.error:
@@ -232,17 +281,24 @@ def test_remote(
                 "boxes": [b.name for b in chosen],
                 "tests": [s.name for s in specs],
                 "soak": {"cycles": cycles, "duration_s": duration} if cycles or duration else None,
+                "series_builds": [b.to_json() for b in series_builds.builds],
                 "wall_time_s": round(time.monotonic() - started, 3),
                 "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             },
         )
+        local_qemu = [b.name for b in chosen if b.is_local_qemu]
         if under_test.branch and (Path(under_test.tree) / ".git").exists():  # send's evidence
             records.remember_test_report(
-                WorkTree(Path(under_test.tree)),
-                under_test.to_json(),
-                written,
-                [b.name for b in chosen if b.is_local_qemu],
+                WorkTree(Path(under_test.tree)), under_test.to_json(), written, local_qemu
             )
+        for build in series_builds.builds:  # a companion series tested as it is sent: its own
+            if build.patches is None:
+                records.remember_test_report(
+                    WorkTree(build.tree),
+                    {"branch": build.branch, "commit": build.commit},
+                    written,
+                    local_qemu,
+                )
         latest = directory.parent / "latest"
         if not out and (not latest.exists() or latest.is_symlink()):
             latest.unlink(missing_ok=True)

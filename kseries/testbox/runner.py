@@ -57,6 +57,7 @@ class TestResult:
             "duration_s": round(self.duration, 3),
             "reason": self.reason,
             "metrics": self.metrics,
+            **({"cells": list(self.cells), "shown": list(self.shown)} if self.cells else {}),
             "stdout": self.stdout,
             "stderr": self.stderr,
         }
