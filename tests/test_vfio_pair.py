@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,13 @@ def config(tmp_path_factory: pytest.TempPathFactory, qemu_clone: Path) -> Iterat
     shutil.copytree(PROJECT / "configs", configs, ignore=shutil.ignore_patterns("local.toml"))
     for name in ("patches", "templates"):
         shutil.copytree(PROJECT / name, root / name)
-    (configs / "local.toml").write_text(f'[box.local-pair.qemu]\nstate_dir = "{root / "state"}"\n')
+    outer = subprocess.run(  # the outer QEMU with the TCG nested-SVM fix (ci/outer-qemu.sh)
+        ["bash", str(PROJECT / "ci" / "outer-qemu.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (configs / "local.toml").write_text(f'{outer}state_dir = "{root / "state"}"\n')
     (configs / "qemu" / "local.toml").write_text(f'[tree]\npath = "{qemu_clone}"\n')
     config = Config.load(configs)
     yield config
