@@ -17,11 +17,11 @@ flock 9
 
 [ -d "$tree/.git" ] || .venv/bin/invoke prepare --series qemu >&2
 patches=(patches/outer-qemu/*.diff)
-stamp=$(cat "${patches[@]}" | sha256sum | cut -c1-16)
+stamp=$( (git -C "$tree" rev-parse master; cat "${patches[@]}") | sha256sum | cut -c1-16)
 if [ "$(cat "$out/src.stamp" 2>/dev/null)" != "$stamp" ]; then
     rm -rf "$out/src" "$out/src.stamp"
     git -C "$tree" worktree prune
-    git -C "$tree" worktree add -f --detach "$out/src" master >&2
+    git -C "$tree" worktree add -q -f --detach "$out/src" master >&2
     for p in "${patches[@]}"; do git -C "$out/src" apply "$root/$p"; done
     echo "$stamp" > "$out/src.stamp"
 fi

@@ -239,7 +239,8 @@ run_cell() {	# NAME QEMU MODE
 	append="$append${L2_APPEND:+ $L2_APPEND}"
 	t0=$(date +%s)
 	"$qemu" ${fw:+-L "$fw"} -accel kvm -machine pc -cpu qemu64 -smp "$SMP" -m "$MEM" \
-		-nodefaults -display none -no-reboot -monitor "$monitor" -serial "file:$con" \
+		-nodefaults -display none -action reboot=shutdown,shutdown=pause \
+		-monitor "$monitor" -serial "file:$con" \
 		-kernel "$KERNEL" -initrd "$INITRD" -append "$append" \
 		-device "vfio-pci,host=$BDF" \
 		-trace 'kvm_memory_fault*' -trace 'vfio_pci_memory_fault*' \
@@ -259,9 +260,7 @@ run_cell() {	# NAME QEMU MODE
 			break
 		fi
 		if grep -aq 'result=[A-Z]' "$con" 2>/dev/null; then
-			n=0	# it powers off by itself
-			while [ $n -lt 15 ] && kill -0 "$pid" 2>/dev/null; do sleep 1; n=$((n + 1)); done
-			stop_qemu; break
+			sleep 1; stop_qemu; break	# it powers off by itself (and pauses: see -action)
 		fi
 		if grep -aq 'Kernel panic' "$con" 2>/dev/null; then
 			sleep 2; stop_qemu; outcome=panicked; break
@@ -275,11 +274,20 @@ run_cell() {	# NAME QEMU MODE
 			detail="no result line after ${el}s; L2 RIP $rips; QEMU threads $thr"
 			break
 		fi
+		sz=$(wc -c < "$con" 2>/dev/null)
+		if [ "$sz" != "$last_sz" ]; then
+			last_sz=$sz last_t=$el
+		elif [ $((el - last_t)) -ge 3 ] && [ $(((el - last_t) % 5)) = 3 ] &&
+		     [ "$(mon_cmd 'info status' status)" = "VM status: paused (shutdown)" ]; then
+			# -action: L2 reset itself (a triple fault, or a reboot) or powered off with
+			# no result line; QEMU paused it as it was, so its registers tell where
+			rips=$(l2_rips)
+			stop_qemu; outcome=panicked
+			detail="L2 reset with no panic message (a triple fault?); L2 RIP $rips"
+			break
+		fi
 		if [ -n "$boot_wall" ] && [ "$STALL" -gt 0 ]; then
-			sz=$(wc -c < "$con" 2>/dev/null)
-			if [ "$sz" != "$last_sz" ]; then
-				last_sz=$sz last_t=$el
-			elif [ $((el - last_t)) -ge "$STALL" ]; then
+			if [ $((el - last_t)) -ge "$STALL" ]; then
 				thr=$(threads_of "$pid") rips=$(l2_rips)
 				stop_qemu; outcome=hung
 				detail="L2's console silent for $((el - last_t))s; L2 RIP $rips; QEMU threads $thr"
@@ -308,9 +316,6 @@ run_cell() {	# NAME QEMU MODE
 			detail=$(grep -a 'bar-race-guest:' "$con" | tail -n 2 | head -n 1)
 		elif [ -n "$rc" ] && [ "$rc" -gt 128 ]; then
 			outcome=died; detail="QEMU killed by signal $((rc - 128))"
-		elif [ "$rc" = 0 ] && grep -aq 'start uptime=' "$con" 2>/dev/null; then
-			# -no-reboot: L2 reset itself (a triple fault, or a reboot) and said nothing
-			outcome=panicked; detail="L2 reset with no panic message (a triple fault?)"
 		elif grep -aq 'start uptime=' "$con" 2>/dev/null; then
 			outcome=died; detail="QEMU exited ($rc) during the run"
 		else
@@ -361,6 +366,13 @@ run_cell() {	# NAME QEMU MODE
 	echo "cell=$name outcome=$outcome toggles=$toggles memfault_exits=${memf:-0}" \
 	     "deaths=$deaths hangs=$hangs panics=$panics ops=$ops dev_reads=$devr" \
 	     "ones_reads=$ones other_reads=$other seconds=$seconds detail=\"$detail\""
+	case "$outcome" in	# what a developer reads first about a guest that stopped
+	hung|panicked)
+		tail -n 12 "$con" 2>/dev/null | tr -d '\r' | sed "s/^/  $name console: /"
+		tail -n 4 "$err" 2>/dev/null | sed "s/^/  $name qemu: /"
+		grep -E '^(CPU#|RSI|RIP|CS |IDT|CR0)' "$WORKDIR/$name.regs" 2>/dev/null |
+			sed "s/^/  $name regs: /" ;;
+	esac
 	v=$(echo "$name" | tr - _)
 	eval "c_${v}_outcome=$outcome c_${v}_toggles=$toggles c_${v}_other=$other"
 	keys="$keys ${name}_outcome=$outcome ${name}_toggles=$toggles ${name}_memfault_exits=${memf:-0}"
@@ -368,17 +380,25 @@ run_cell() {	# NAME QEMU MODE
 	keys="$keys ${name}_other_reads=$other"
 }
 
-# L2's registers from QEMU's monitor (a hung L2: where its vCPUs spin), into NAME.regs;
-# prints the RIPs.
-l2_rips() {
+# mon_cmd COMMAND SUFFIX: the L2 QEMU monitor's answer, kept in NAME.SUFFIX; prints its
+# last line.
+mon_cmd() {
 	[ "$monitor" != none ] || return 0
-	cat "$mon.out" > "$WORKDIR/$name.regs" &
+	cat "$mon.out" > "$WORKDIR/$name.$2" &
 	rd=$!
-	echo 'info registers -a' > "$mon.in"
-	sleep 3
+	echo "$1" > "$mon.in"
+	sleep 2
 	kill "$rd" 2>/dev/null
 	wait "$rd" 2>/dev/null
-	sed -n 's/^RIP=\([0-9a-f]*\).*/\1/p' "$WORKDIR/$name.regs" | tr '\n' ',' | sed 's/,$//'
+	tr -d '\r' < "$WORKDIR/$name.$2" | grep -v '^(qemu)' | grep . | tail -n 1
+}
+
+# L2's registers from QEMU's monitor (a hung or reset L2: where its vCPUs are), into
+# NAME.regs; prints the RIPs.
+l2_rips() {
+	mon_cmd 'info registers -a' regs > /dev/null
+	sed -n 's/^RIP=\([0-9a-f]*\).*/\1/p' "$WORKDIR/$name.regs" 2>/dev/null | tr '\n' ',' |
+		sed 's/,$//'
 }
 
 # Where QEMU's threads are (a hung L2: is a vCPU thread spinning in KVM_RUN, or blocked?).
