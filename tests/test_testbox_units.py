@@ -18,6 +18,7 @@ from kseries.errors import ToolkitError
 from kseries.paths import PROJECT
 from kseries.testbox import boot, initramfs, kernel, remote, report, runner, suite
 from kseries.testbox.box import TestboxConfig, parse_box
+from kseries.testbox.qemu import QemuBox
 
 
 def configs(tmp_path: Path, testboxes: str) -> Config:
@@ -68,6 +69,19 @@ def test_box_errors_name_the_file_and_key(tmp_path: Path) -> None:
         parse_box("x", {"method": "kexec"}, tmp_path, "[box.x]")
     with pytest.raises(ToolkitError, match="accel must be"):
         parse_box("x", {"qemu": {"accel": "hvf"}}, tmp_path, "[box.x]")
+    with pytest.raises(ToolkitError, match=r"\[box.x.qemu\].*tcg_thread must be multi or single"):
+        parse_box("x", {"qemu": {"tcg_thread": "two"}}, tmp_path, "[box.x]")
+
+
+def test_a_single_threaded_tcg_box_says_so_on_qemus_command_line(tmp_path: Path) -> None:
+    """The pair box's outer TCG runs with one thread (multi-threaded TCG loses nested-SVM
+    state, README); under KVM, and by default, -accel is as it was."""
+    single = QemuBox(parse_box("x", {"qemu": {"tcg_thread": "single"}}, tmp_path, "[box.x]"))
+    default = QemuBox(parse_box("y", {"qemu": {}}, tmp_path, "[box.y]"))
+    args = (tmp_path / "bzImage", tmp_path / "initrd", "console=ttyS0", 2222)
+    assert "tcg,thread=single" in single.command(*args, "tcg")
+    assert single.command(*args, "kvm")[3:5] == ["-accel", "kvm"]
+    assert default.command(*args, "tcg")[3:5] == ["-accel", "tcg"]
 
 
 def test_remote_box_paths_are_relative_to_configs(tmp_path: Path) -> None:

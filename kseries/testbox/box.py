@@ -46,8 +46,10 @@ QEMU = Keys(
         "state_dir": STRING,
         "binary": STRING,
         "tsc_khz": INTEGER,
+        "tcg_thread": STRING,
     }
 )
+TCG_THREADS = ("multi", "single")
 BOX = Keys(
     {
         "method": STRING,
@@ -100,6 +102,9 @@ class QemuSettings:
     state_dir: Path | None = None  # default: ~/.cache/kseries/testbox/NAME
     binary: str = "qemu-system-x86_64"
     tsc_khz: int = -1  # under TCG: tsc_early_khz= for the guest; -1: the host's, 0: none
+    # Under TCG: one host thread per vCPU (QEMU's default) or one for all. The nested pair box
+    # needs "single": multi-threaded TCG loses nested-SVM state under memslot churn (README).
+    tcg_thread: str = "multi"
 
 
 @dataclass(frozen=True)
@@ -201,10 +206,15 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
             state_dir=_path(qemu_table.get("state_dir"), directory),
             binary=qemu_table.get("binary", "qemu-system-x86_64"),
             tsc_khz=qemu_table.get("tsc_khz", -1),
+            tcg_thread=qemu_table.get("tcg_thread", "multi"),
         )
         if qemu.accel not in ("auto", "kvm", "tcg"):
             raise where.table("qemu").error(
                 "accel", "accel must be auto, kvm or tcg", "see the file"
+            )
+        if qemu.tcg_thread not in TCG_THREADS:
+            raise where.table("qemu").error(
+                "tcg_thread", "tcg_thread must be multi or single", "see the file"
             )
     timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
     _check_kvm_params(table, method, where)

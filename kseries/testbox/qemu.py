@@ -218,7 +218,7 @@ class QemuBox:
             "-name",
             f"kseries-{self.box.name}",
             "-accel",
-            accel,
+            "tcg,thread=single" if accel == "tcg" and s.tcg_thread == "single" else accel,
             "-cpu",
             s.cpu,
             "-m",
