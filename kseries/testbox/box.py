@@ -49,7 +49,8 @@ QEMU = Keys(
         "tcg_thread": STRING,
     }
 )
-TCG_THREADS = ("multi", "single")
+# The QEMU settings that take one of a few words, and those words.
+QEMU_CHOICES = {"accel": ("auto", "kvm", "tcg"), "tcg_thread": ("multi", "single")}
 BOX = Keys(
     {
         "method": STRING,
@@ -208,14 +209,10 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
             tsc_khz=qemu_table.get("tsc_khz", -1),
             tcg_thread=qemu_table.get("tcg_thread", "multi"),
         )
-        if qemu.accel not in ("auto", "kvm", "tcg"):
-            raise where.table("qemu").error(
-                "accel", "accel must be auto, kvm or tcg", "see the file"
-            )
-        if qemu.tcg_thread not in TCG_THREADS:
-            raise where.table("qemu").error(
-                "tcg_thread", "tcg_thread must be multi or single", "see the file"
-            )
+        for key, words in QEMU_CHOICES.items():
+            if getattr(qemu, key) not in words:
+                allowed = f"{', '.join(words[:-1])} or {words[-1]}"
+                raise where.table("qemu").error(key, f"{key} must be {allowed}", "see the file")
     timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
     _check_kvm_params(table, method, where)
     if qemu is None:

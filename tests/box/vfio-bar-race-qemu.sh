@@ -277,7 +277,7 @@ run_cell() {	# NAME QEMU MODE
 		sz=$(wc -c < "$con" 2>/dev/null)
 		if [ "$sz" != "$last_sz" ]; then
 			last_sz=$sz last_t=$el
-		elif [ $((el - last_t)) -ge 3 ] && [ $(((el - last_t) % 5)) = 3 ] &&
+		elif [ $(((el - last_t) % 5)) = 3 ] &&
 		     [ "$(mon_cmd 'info status' status)" = "VM status: paused (shutdown)" ]; then
 			# -action: L2 reset itself (a triple fault, or a reboot) or powered off with
 			# no result line; QEMU paused it as it was, so its registers tell where
@@ -286,13 +286,11 @@ run_cell() {	# NAME QEMU MODE
 			detail="L2 reset with no panic message (a triple fault?); L2 RIP $rips"
 			break
 		fi
-		if [ -n "$boot_wall" ] && [ "$STALL" -gt 0 ]; then
-			if [ $((el - last_t)) -ge "$STALL" ]; then
-				thr=$(threads_of "$pid") rips=$(l2_rips)
-				stop_qemu; outcome=hung
-				detail="L2's console silent for $((el - last_t))s; L2 RIP $rips; QEMU threads $thr"
-				break
-			fi
+		if [ -n "$boot_wall" ] && [ "$STALL" -gt 0 ] && [ $((el - last_t)) -ge "$STALL" ]; then
+			thr=$(threads_of "$pid") rips=$(l2_rips)
+			stop_qemu; outcome=hung
+			detail="L2's console silent for $((el - last_t))s; L2 RIP $rips; QEMU threads $thr"
+			break
 		fi
 		if [ -z "$boot_wall" ] && [ "$el" -ge "$BOOT_TIMEOUT" ]; then
 			stop_qemu; outcome=hung; detail="L2 did not reach /init in ${el}s"; break
