@@ -158,8 +158,9 @@ def prepare(c: Context, tree: str = "", series: str = "") -> None:
     help={
         "series": SERIES_HELP,
         "tree": TREE_HELP,
-        "boxes": "test boxes to boot the series on (default: local,local-legacy-tdp,local-shadow: "
-        "KVM's TDP MMU, legacy TDP MMU and shadow MMU)",
+        "boxes": "test boxes to boot the series on, one run of the default tests (default: "
+        "[[pipeline.run]] in configs/testboxes.toml: the three MMUs on local, local-legacy-tdp "
+        "and local-shadow, then the kernel+QEMU pair on local-pair)",
         "compare": "also test this ref of the tree, side by side (default: the series' base)",
         "no_compare": "test only the series kernel",
         "no_check": "skip `invoke check` (the per-commit builds of every gate)",
@@ -170,7 +171,7 @@ def prepare(c: Context, tree: str = "", series: str = "") -> None:
 def pipeline(
     c: Context,
     tree: str = "",
-    boxes: str = "local,local-legacy-tdp,local-shadow",
+    boxes: str = "",
     compare: str = "",
     no_compare: bool = False,
     no_check: bool = False,
@@ -179,21 +180,30 @@ def pipeline(
 ) -> None:
     """The main job: rebase, check, build, test base vs series, mails (dry run), status.
 
-    The mails' dry run also shows the sent record a real send would write. The stages share
-    one workspace: configs/ is read once, the tree opened once."""
+    The other series the test runs build (the QEMU series, the pair box's outer QEMU) are
+    rebased on their own bases too. The mails' dry run also shows the sent record a real
+    send would write. The stages share one workspace: configs/ is read once, the tree
+    opened once."""
+    from kseries.testbox import plan as plan_stage
+
     ws = Workspace.open(series, tree, log)
     base = ws.series.base
+    runs = [plan_stage.TestRun(tuple(_names([boxes])))] if boxes else plan_stage.runs(ws.boxes)
     _rebase(ws)
+    for other in plan_stage.series_used(ws.boxes, runs):
+        _rebase(Workspace.open(other, log=log))
     if not no_check:
         _check(ws)
     manifest = _build(ws)
-    _test_remote(
-        ws,
-        boxes=_names([boxes]),
-        kernel=manifest.path,
-        compare="" if no_compare else compare or f"{base.remote}/{base.branch}",
-        keep_warm=keep_warm,
-    )
+    for run in runs:
+        _test_remote(
+            ws,
+            boxes=list(run.boxes),
+            kernel=manifest.path,
+            compare="" if no_compare else compare or f"{base.remote}/{base.branch}",
+            keep_warm=keep_warm,
+            tests=list(run.tests),
+        )
     _send_series(ws)
     _status(ws)
 
@@ -526,10 +536,11 @@ def _local_boxes(box: str) -> list:
 def testbox_up(c: Context, box: str = "", kernel: str = "", restart: bool = False) -> None:
     """Start the local QEMU test box, wait for SSH and prove which kernel it runs."""
     from kseries.testbox import local as local_box
+    from kseries.testbox.remote import SeriesBuilder
 
-    status = local_box.up(
-        Workspace.open(log=log).boxes.box(box), kernel_spec=kernel, restart=restart, log=log
-    )
+    ws = Workspace.open(log=log)
+    chosen = SeriesBuilder(ws.config, log).box(ws.boxes.box(box))  # its own QEMU built first
+    status = local_box.up(chosen, kernel_spec=kernel, restart=restart, log=log)
     console.print("\n".join(status.lines()), markup=False, highlight=False, soft_wrap=True)
 
 

@@ -18,7 +18,7 @@ APT_PACKAGES=(
     dpkg-dev  # the QEMU series' default tree: apt-get source and dpkg-source -x
     ninja-build pkgconf seabios qemu-system-data  # the QEMU series' build and its firmware
     libglib2.0-dev libpcre2-dev zlib1g-dev libmount-dev libblkid-dev libselinux1-dev libsepol-dev  # ... its static libraries
-    libslirp-dev ipxe-qemu  # ci/outer-qemu.sh: the pair box's outer QEMU (user networking, its NIC ROM)
+    libslirp-dev ipxe-qemu  # configs/outer-qemu: the pair box's outer QEMU (user networking, its NIC ROM)
 )
 
 missing=()

@@ -143,7 +143,7 @@ class SeriesCheck:
         self.config = config
         self.tree = tree
         self.log = log
-        self.root = check_dir(tree.path)
+        self.root = check_dir(tree.path, config.series_key)
         # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: ccache hits are shared
         self.worktree = self.root / "default-tree" / "linux"
 

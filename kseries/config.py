@@ -28,7 +28,7 @@ TABLES = {
     "series.toml": ("series", "base", "people", "patch"),
     "toolkit.toml": ("tree", "default_tree", "build", "check", "send", "review"),
     "review.toml": ("sent", "trailer"),
-    "testboxes.toml": ("testbox", "box", "test", "recipe"),
+    "testboxes.toml": ("testbox", "box", "test", "recipe", "pipeline"),
 }
 LOCAL = "local.toml"
 ALL_TABLES = tuple(name for tables in TABLES.values() for name in tables)  # local.toml's

@@ -5,11 +5,14 @@ entries apart, so a stage never builds a cache path of its own. The layout:
 
     default-tree/          the embedded tree (linux/) and its bare remote
     default-tree-PACKAGE/  another series' embedded tree from a Debian source package (qemu/)
-    build/TREE-KEY/        `invoke build`'s O= directories; build/last.json: the newest image
-    check/TREE-KEY/        the check stage's gate build directories and worktrees
+    build/TREE-KEY[-SERIES]/  `invoke build`'s O= directories; build/last.json: the newest image
+    check/TREE-KEY[-SERIES]/  the check stage's gate build directories and worktrees
     testbox/NAME/          a local box's console log, keys and state
     testbox/build/TREE-KEY/  the test programs built against a tree
-    testbox/compare/TREE-KEY/  the --compare reference's worktree and build
+    testbox/compare/TREE-KEY/  the --compare reference's worktree, and a build per series
+
+Two series may share one tree (the QEMU series and the pair box's outer QEMU both build the
+embedded QEMU tree, configured differently): their build directories carry the series' key.
     testbox/lava/          the LAVA ramdisk and its keys
     distro/SUITE/          the grub-reboot box's Debian disk image
 """
@@ -39,9 +42,15 @@ def default_tree_dir(source_package: str = "") -> Path:
     return cache_dir() / name
 
 
-def build_dir(tree: Path) -> Path:
-    """The default O= directory of `invoke build` in `tree`."""
-    return cache_dir() / "build" / tree_key(tree)
+def series_suffix(series: str) -> str:
+    """What tells two series' build directories of one tree apart ("" for the default series,
+    whose directories keep their plain tree key)."""
+    return f"-{series}" if series else ""
+
+
+def build_dir(tree: Path, series: str = "") -> Path:
+    """The default O= directory of `invoke build` of `series` in `tree`."""
+    return cache_dir() / "build" / (tree_key(tree) + series_suffix(series))
 
 
 def last_build_pointer() -> Path:
@@ -49,8 +58,8 @@ def last_build_pointer() -> Path:
     return cache_dir() / "build" / "last.json"
 
 
-def check_dir(tree: Path) -> Path:
-    return cache_dir() / "check" / tree_key(tree)
+def check_dir(tree: Path, series: str = "") -> Path:
+    return cache_dir() / "check" / (tree_key(tree) + series_suffix(series))
 
 
 def testbox_dir(name: str = "") -> Path:

@@ -378,6 +378,36 @@ def test_qemu_series_rebased_and_mailed_through_qemus_checkpatch(
 
 
 @pytest.mark.slow
+def test_the_outer_qemu_is_a_third_series_on_the_same_tree(
+    qemu_tree: WorkTree, tmp_path: Path
+) -> None:
+    """configs/outer-qemu/ is data only: its branch in a clone of the same QEMU tree, its mail
+    to qemu-devel and target/i386's maintainers through QEMU's checkpatch, and its build
+    directory apart from the QEMU series' (the two are configured differently)."""
+    from kseries.paths import build_dir
+    from kseries.rebase import Rebase
+    from kseries.send import Postman
+    from kseries.tree import scratch_clone
+
+    config = Config.load(PROJECT / "configs", "outer-qemu")
+    series = series_stage.load(config)
+    clone = WorkTree(scratch_clone(tmp_path / "qemu", remote="qemu", config=config))
+    Rebase(clone, series, log=lambda _: None).start(remote="qemu", branch="master")
+    assert clone.git("log", "--format=%s", "qemu/master..HEAD").splitlines() == [
+        "target/i386: Do not deliver an EVENTINJ interrupt twice"
+    ]
+    man = Postman(clone, series, SendSettings(config, series), testing=False)
+    outbox = man.format(tmp_path / "out")
+    man.check(outbox, sending=False)
+    assert not outbox.failed, outbox.failed
+    patch = outbox.mails[-1]
+    assert "qemu-devel@nongnu.org" in patch.to
+    assert any("Paolo Bonzini" in a for a in patch.cc)  # target/i386, from get_maintainer.pl
+    assert any("Richard Henderson" in a for a in patch.cc)
+    assert build_dir(clone.path, "outer-qemu") != build_dir(clone.path, "qemu")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("KSERIES_QEMU_BUILD_TEST"),
     reason="cold, the static QEMU build takes 10-40 minutes: KSERIES_QEMU_BUILD_TEST=1",

@@ -18,6 +18,7 @@ import pytest
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT, compare_dir
+from kseries.testbox.box import parse_box
 from kseries.testbox.remote import SeriesBuilder
 
 CONFIGURE = """\
@@ -125,7 +126,8 @@ def test_a_series_is_built_at_its_tip_or_after_n_patches(demo: Config) -> None:
     assert build("demo", None).read_text() == "patched\n"
     tree = demo.project / "tree"
     if shutil.which("ccache"):  # the meson kind compiles through ccache too (configure's --cc)
-        built = compare_dir(tree) / "build" / "tree" / "kseries" / "manifest-prog.json"
+        # one build directory per series of the tree (two series may share it)
+        built = compare_dir(tree) / "build" / "tree-demo" / "kseries" / "manifest-prog.json"
         ccache = json.loads(built.read_text())["ccache"]
         assert ccache and ccache["hits"] + ccache["misses"] == 1
     assert build("demo", 1).read_text() == "stock, fixed build\n"
@@ -144,6 +146,28 @@ def test_a_series_is_built_at_its_tip_or_after_n_patches(demo: Config) -> None:
     assert build.builds[0].commit == tip
     assert build.builds[1].commit == git(tree, "rev-parse", "demo-v1~1")
     assert build.builds[0].to_json()["sha256"] == hashlib.sha256(b"patched\n").hexdigest()
+
+
+def test_a_box_runs_the_qemu_a_series_builds(demo: Config, tmp_path: Path) -> None:
+    """qemu.binary = "series:demo": the box runs that series built at its tip, with the
+    build's firmware directory first on QEMU's -L path; any other box is left as it is."""
+    rom = tmp_path / "bios.bin"
+    rom.write_bytes(b"rom")
+    toolkit = demo.configs / "demo" / "toolkit.toml"
+    toolkit.write_text(
+        toolkit.read_text().replace("configure = []", f'configure = []\nfirmware = ["{rom}"]')
+    )
+    table = {"qemu": {"binary": "series:demo", "extra_args": ["-device", "edu"]}}
+    box = parse_box("pair", table, demo.configs, "[box.pair]")
+    build = SeriesBuilder(demo, lambda _: None)
+    built = build.box(box)
+    assert built.qemu is not None and Path(built.qemu.binary).read_text() == "patched\n"
+    assert built.qemu.extra_args[:2] == ("-L", str(Path(built.qemu.binary).parent / "firmware"))
+    assert built.qemu.extra_args[2:] == ("-device", "edu")
+    assert (Path(built.qemu.extra_args[1]) / "bios.bin").read_bytes() == b"rom"
+    assert [(b.series, b.patches) for b in build.builds] == [("demo", None)]
+    plain = parse_box("local", {"qemu": {}}, demo.configs, "[box.local]")
+    assert build.box(plain) is plain
 
 
 def test_a_series_not_rebased_yet_says_how(demo: Config) -> None:

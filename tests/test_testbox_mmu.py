@@ -5,7 +5,6 @@ the verdict table's MMU and CPU rows. Fast; the readings are what real boxes pri
 
 from __future__ import annotations
 
-import inspect
 import json
 import shlex
 import subprocess
@@ -17,7 +16,7 @@ from rich.console import Console
 from kseries.config import Config
 from kseries.errors import ToolkitError
 from kseries.paths import PROJECT
-from kseries.testbox import boot, kernel, mmu, report, runner
+from kseries.testbox import boot, kernel, mmu, plan, report, runner
 from kseries.testbox.box import TestboxConfig, parse_box
 
 EPYC = "model name\t: AMD EPYC Processor\n"
@@ -151,10 +150,8 @@ def test_the_default_pipeline_covers_the_three_mmus() -> None:
     legacy = settings.box("local-legacy-tdp")
     assert legacy.kvm_claims == {"kvm.tdp_mmu": "0"}
     assert legacy.qemu and legacy.qemu.cpu == "max"
-    import tasks
-
-    boxes = inspect.signature(tasks.pipeline.body).parameters["boxes"].default
-    assert boxes == "local,local-legacy-tdp,local-shadow"
+    first = plan.runs(settings)[0]  # [[pipeline.run]]: the three MMUs, the default tests
+    assert first == plan.TestRun(("local", "local-legacy-tdp", "local-shadow"))
     fragment = (PROJECT / "configs" / "kvm-testbox.config").read_text().splitlines()
     assert "CONFIG_KVM=y" in fragment  # built in: kvm.* on the command line applies
 

@@ -73,6 +73,47 @@ def test_box_errors_name_the_file_and_key(tmp_path: Path) -> None:
         parse_box("x", {"qemu": {"tcg_thread": "two"}}, tmp_path, "[box.x]")
 
 
+def test_a_box_qemu_from_a_series_must_name_one(tmp_path: Path) -> None:
+    """qemu.binary = "series:NAME" names a series directory under configs/; a typo is one
+    line naming the file, table and key, with the series there are."""
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "outer" / "series.toml").write_text("")
+    box = parse_box("x", {"qemu": {"binary": "series:outer"}}, tmp_path, "[box.x]")
+    assert box.qemu and box.qemu.binary == "series:outer"
+    for name in ("outre", "../outer", ""):
+        with pytest.raises(ToolkitError, match=r"\[box.x.qemu\]: binary 'series:.*no series") as e:
+            parse_box("x", {"qemu": {"binary": f"series:{name}"}}, tmp_path, "[box.x]")
+        assert "\n" not in e.value.message and e.value.hint.endswith("here: outer")
+
+
+def test_the_pipeline_runs_are_data_checked_before_any_stage(tmp_path: Path) -> None:
+    """[[pipeline.run]]: the three MMUs, then the pair; the series those runs build, the
+    box's QEMU first; a wrong box, test or key is refused with the file and row."""
+    from kseries.testbox import plan
+
+    settings = TestboxConfig.load(Config.load(PROJECT / "configs"))
+    runs = plan.runs(settings)
+    assert [r.boxes for r in runs] == [
+        ("local", "local-legacy-tdp", "local-shadow"),
+        ("local-pair",),
+    ]
+    assert runs[1].tests == ("vfio-bar-race-qemu",)
+    assert plan.series_used(settings, runs) == ["outer-qemu", "qemu"]
+    assert plan.series_used(settings, runs[:1]) == []
+    box, row = "[box.a]\nqemu = {}\n", r"\[\[pipeline.run\]\] #1"
+    cases = {
+        '[[pipeline.run]]\nboxes = ["b"]\n': "no test box 'b'",
+        '[[pipeline.run]]\nboxes = ["a"]\ntests = ["nope"]\n': "unknown test nope",
+        '[[pipeline.run]]\nboxes = ["a"]\nbox = "a"\n': row + ": unknown setting box",
+        '[[pipeline.run]]\ntests = ["smoke"]\n': row + ": a run needs boxes",
+        '[pipeline]\nrun = "a"\n': "run must be an array of tables",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ToolkitError, match=message):
+            plan.runs(TestboxConfig.load(configs(tmp_path, box + text)))
+    assert plan.runs(TestboxConfig.load(configs(tmp_path, box))) == [plan.TestRun(("",))]
+
+
 def test_a_single_threaded_tcg_box_says_so_on_qemus_command_line(tmp_path: Path) -> None:
     """The pair box's outer TCG runs with one thread (multi-threaded TCG loses nested-SVM
     state, README); under KVM, and by default, -accel is as it was."""

@@ -1,8 +1,9 @@
 """The kernel+QEMU pair against the v1 reproducer, with the real VMM (issue 14, section 4).
 
 Part of the suite (KSERIES_PAIR_TEST=0 leaves it out). Cold, it builds the outer QEMU with the
-TCG nested-SVM fix (ci/outer-qemu.sh), the series kernel, kvm-x86/next, and the QEMU series
-three times in one worktree (@1, @4 and the tip, incremental), then boots both kernels in the
+TCG nested-SVM fix (the outer-qemu series, the box's qemu.binary), the series kernel,
+kvm-x86/next, and the QEMU series three times in one worktree (@1, @4 and the tip,
+incremental), then boots both kernels in the
 `local-pair` box and runs `vfio-bar-race-qemu` there: L1's QEMU gives edu to an L2 guest
 racing MMIO against MEM toggles. About 6 minutes warm; cold, the builds add 20-25 minutes on
 2 busy cores.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +45,9 @@ CELLS = ("stock", "handler", "patched", "control")
 
 @pytest.fixture(scope="module")
 def qemu_clone() -> Path:
-    """The QEMU series rebased onto qemu/master in a clone of the embedded QEMU tree, kept
-    under ~/.cache/kseries/ci-series (so its QEMU builds are incremental on later runs)."""
+    """The QEMU series and the outer QEMU's rebased onto qemu/master in a clone of the
+    embedded QEMU tree, kept under ~/.cache/kseries/ci-series (so their QEMU builds are
+    incremental on later runs)."""
     from kseries import series as series_stage
     from kseries.rebase import Rebase
     from kseries.tree import scratch_clone
@@ -58,30 +59,25 @@ def qemu_clone() -> Path:
         clone.parent.mkdir(parents=True, exist_ok=True)
         scratch_clone(clone, remote="qemu", config=config)
     tree = WorkTree(clone)
-    tree.git("checkout", "-q", "-f", "master")
-    Rebase(tree, series_stage.load(config), log=lambda _: None).start(
-        remote="qemu", branch="master"
-    )
+    for name in ("outer-qemu", "qemu"):
+        tree.git("checkout", "-q", "-f", "master")
+        series = series_stage.load(Config.load(PROJECT / "configs", name))
+        Rebase(tree, series, log=lambda _: None).start(remote="qemu", branch="master")
     return clone
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory, qemu_clone: Path) -> Iterator[Config]:
-    """The project's configs with the pair box's state under tmp and the QEMU series' tree
-    the clone above; the box is stopped (by its PID) at the end."""
+    """The project's configs with the pair box's state under tmp and the two QEMU series'
+    tree the clone above; the box is stopped (by its PID) at the end."""
     root = tmp_path_factory.mktemp("pair")
     configs = root / "configs"
     shutil.copytree(PROJECT / "configs", configs, ignore=shutil.ignore_patterns("local.toml"))
     for name in ("patches", "templates"):
         shutil.copytree(PROJECT / name, root / name)
-    outer = subprocess.run(  # the outer QEMU with the TCG nested-SVM fix (ci/outer-qemu.sh)
-        ["bash", str(PROJECT / "ci" / "outer-qemu.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    (configs / "local.toml").write_text(f'{outer}state_dir = "{root / "state"}"\n')
-    (configs / "qemu" / "local.toml").write_text(f'[tree]\npath = "{qemu_clone}"\n')
+    (configs / "local.toml").write_text(f'[box.local-pair.qemu]\nstate_dir = "{root / "state"}"\n')
+    for name in ("qemu", "outer-qemu"):
+        (configs / name / "local.toml").write_text(f'[tree]\npath = "{qemu_clone}"\n')
     config = Config.load(configs)
     yield config
     local.down(TestboxConfig.load(config).box("local-pair"), log=lambda _: None)

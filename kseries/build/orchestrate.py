@@ -197,7 +197,7 @@ class Build:
         self.work = tree if isinstance(tree, WorkTree) else tree_stage.open_tree(config, tree, log)
         self.tree = self.work.path
         (check_meson_tree if self.meson else check_kernel_tree)(self.tree)
-        self.build_dir = chosen_dir or paths.build_dir(self.tree)
+        self.build_dir = chosen_dir or paths.build_dir(self.tree, config.series_key)
         if self.build_dir == self.tree or self.tree in self.build_dir.parents:
             raise ToolkitError(
                 f"build directory {self.build_dir} is inside the tree {self.tree}",

@@ -49,6 +49,8 @@ QEMU = Keys(
         "tcg_thread": STRING,
     }
 )
+# qemu.binary = "series:NAME": the QEMU that series builds (configs/NAME/), built at its tip.
+SERIES_BINARY = "series:"
 # The QEMU settings that take one of a few words, and those words.
 QEMU_CHOICES = {"accel": ("auto", "kvm", "tcg"), "tcg_thread": ("multi", "single")}
 BOX = Keys(
@@ -213,6 +215,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
             if getattr(qemu, key) not in words:
                 allowed = f"{', '.join(words[:-1])} or {words[-1]}"
                 raise where.table("qemu").error(key, f"{key} must be {allowed}", "see the file")
+        _check_series_binary(qemu.binary, directory, where.table("qemu"))
     timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
     _check_kvm_params(table, method, where)
     if qemu is None:
@@ -243,6 +246,19 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
         description=table.get("description", ""),
         kvm_params=dict(table.get("kvm_params", {})),
     )
+
+
+def _check_series_binary(binary: str, directory: Path, where: Where) -> None:
+    if not binary.startswith(SERIES_BINARY):
+        return
+    name = binary.removeprefix(SERIES_BINARY)
+    if "/" in name or not (directory / name / "series.toml").is_file():
+        series = sorted(p.parent.name for p in directory.glob("*/series.toml"))
+        raise where.error(
+            "binary",
+            f"binary {binary!r}: no series {name!r} (no {directory / name / 'series.toml'})",
+            f"series that build a QEMU here: {', '.join(series) or 'none'}",
+        )
 
 
 def _check_kvm_params(table: dict[str, Any], method: str, where: Where) -> None:

@@ -14,21 +14,22 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kseries import records
 from kseries.build.manifest import Manifest
+from kseries.build.meson import FIRMWARE_DIR
 from kseries.config import Config
 from kseries.core.files import exclusive
 from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import PROJECT, compare_dir
+from kseries.paths import PROJECT, compare_dir, series_suffix
 from kseries.testbox import kernel, suite
-from kseries.testbox.box import Box, TestboxConfig
+from kseries.testbox.box import SERIES_BINARY, Box, TestboxConfig
 from kseries.testbox.group import Group
 from kseries.testbox.lavajob import LavaSession, cancel_all
 from kseries.testbox.qemu import QemuBox
@@ -60,7 +61,8 @@ def reference(spec: str, under_test: kernel.Kernel, config: Config, log: Log) ->
 def build_at(config: Config, tree: Path, sha: str, what: str, log: Log) -> Manifest:
     """The build stage's build of commit `sha` of `tree` (configured by `config`), in a
     detached worktree under ~/.cache/kseries/testbox/compare, kept so the next one rebuilds
-    incrementally. It is not "the last build": that pointer stays on the kernel under test."""
+    incrementally, one build directory per series. It is not "the last build": that pointer
+    stays on the kernel under test."""
     base = compare_dir(tree)
     # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME} (default-tree-qemu/qemu
     # for QEMU): the build stage makes ccache hash paths relative to the common parent, so
@@ -79,9 +81,8 @@ def build_at(config: Config, tree: Path, sha: str, what: str, log: Log) -> Manif
         else:
             run(["git", "-C", worktree, "checkout", "-q", "--detach", sha])
         log(f"compare: building {what} ({sha[:12]}) with the build stage")
-        return build_stage.build(
-            config, tree=str(worktree), out=str(base / "build" / tree.name), log=log, set_last=False
-        )
+        out = base / "build" / (tree.name + series_suffix(config.series_key))
+        return build_stage.build(config, tree=str(worktree), out=str(out), log=log, set_last=False)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,19 @@ class SeriesBuilder:
         if key not in self._built:
             self._built[key] = self._build(name, patches)
         return self._built[key].image
+
+    def box(self, box: Box) -> Box:
+        """`box` running the QEMU it names: a local box's qemu.binary "series:NAME" is that
+        series built at its tip by the build stage, with its firmware (BUILD/firmware) first
+        on QEMU's -L path."""
+        qemu = box.qemu
+        if qemu is None or not qemu.binary.startswith(SERIES_BINARY):
+            return box
+        image = self(qemu.binary.removeprefix(SERIES_BINARY), None)
+        firmware = image.parent / FIRMWARE_DIR
+        first = ("-L", str(firmware)) if firmware.is_dir() else ()
+        built = replace(qemu, binary=str(image), extra_args=(*first, *qemu.extra_args))
+        return replace(box, qemu=built)
 
     @property
     def builds(self) -> list[SeriesBuild]:
@@ -198,6 +212,7 @@ def test_remote(
     command that stops it."""
     directory = output_dir(out)  # refused now, not after the builds, if it cannot be written
     settings = TestboxConfig.load(config)
+    series_builds = SeriesBuilder(config, log)
     chosen = [settings.box(name) for name in (boxes or [""])]
     labs = [box.name for box in chosen if box.lava]
     if trace and labs:  # refused before any build, not silently dropped after
@@ -207,6 +222,7 @@ def test_remote(
         )
     if keep_warm is None:
         keep_warm = settings.settings().get("keep_warm", False)
+    chosen = [series_builds.box(box) for box in chosen]  # a box's own QEMU built first
     with _stopping_what_it_starts(chosen, keep_warm, log):
         started = time.monotonic()
         known = suite.load_tests(settings)
@@ -228,7 +244,6 @@ def test_remote(
                 )
             subjects = [Subject(f"ref {_ref_name(compare)}", ref), Subject(label, under_test)]
         tree = Path(under_test.tree) if under_test.tree else None
-        series_builds = SeriesBuilder(config, log)
         builder = suite.Builder(tree, log=log, series=series_builds)
         built = [builder.build(spec) for spec in specs]
         for b in built:
