@@ -28,7 +28,9 @@ from rich.table import Table
 from kseries import build as build_stage
 from kseries import records
 from kseries.build import WARNING, BuildConfig, BuildError
-from kseries.config import STRING, STRINGS, Config, Keys, Rows
+from kseries.build.meson import MesonConfig
+from kseries.build.orchestrate import BUILD
+from kseries.config import BOOLEAN, STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
@@ -47,6 +49,10 @@ CHECK = Keys(
                     "fragments": STRINGS,
                     "target": STRING,
                     "arch": STRING,
+                    # false: the base does not build in this gate (the series' first patch
+                    # is the build fix), so every commit must build and there are no base
+                    # warnings to allow
+                    "base_builds": BOOLEAN,
                 }
             )
         )
@@ -64,43 +70,61 @@ class Gate:
     target: str
     arch: str = ""
     description: str = ""
+    base_builds: bool = True
 
     @classmethod
     def load_all(cls, config: Config) -> list[Gate]:
+        """The gates, each checked now (its files exist), not after the first build. A QEMU
+        series' gate (the meson build kind) is its own [build.meson] configuration: it names
+        only a target, and base_config, fragments and arch are for kernel builds."""
         tables = config.table("check", CHECK).get("gate", [])
         if not tables:
             where = config.where.table("check").rows("gate")
             raise where.error(None, "no gates", "add a [[check.gate]] table")
+        meson = _meson(config)
         gates = []
         for index, table in enumerate(tables):
-            missing = [
-                k for k in ("name", "base_config", "fragments", "target") if not table.get(k)
-            ]
-            if missing:
-                raise (
-                    config.where.table("check")
-                    .row("gate", index)
-                    .error(None, f"no {', '.join(missing)}", "see the file")
+            where = config.where.table("check").row("gate", index)
+            kernel_only = [k for k in ("base_config", "fragments", "arch") if k in table]
+            if meson and kernel_only:
+                raise where.error(
+                    kernel_only[0],
+                    f"{kernel_only[0]} is for kernel builds; this series builds with meson",
+                    "a meson gate names a target only: it builds [build.meson]'s configuration",
                 )
+            required = ("name",) if meson else ("name", "base_config", "fragments", "target")
+            missing = [k for k in required if not table.get(k)]
+            if missing:
+                raise where.error(None, f"no {', '.join(missing)}", "see the file")
             gate = cls(
                 table["name"],
-                table["base_config"],
-                tuple(table["fragments"]),
-                table["target"],
+                table.get("base_config", ""),
+                tuple(table.get("fragments", ())),
+                table.get("target", ""),
                 table.get("arch", ""),
                 table.get("description", ""),
+                table.get("base_builds", True),
             )
-            # the fragments and base config exist: fail now, not after the first build
-            BuildConfig.resolve(gate.base_config, gate.fragments, config.directory, gate.arch)
+            gate.inputs(config)
             gates.append(gate)
         return gates
 
+    def inputs(self, config: Config) -> BuildConfig | MesonConfig:
+        """What the gate builds from besides the tree (every file checked)."""
+        if _meson(config):
+            return MesonConfig.resolve(
+                config.table("build", BUILD).get("meson", {}), config.directory
+            )
+        return BuildConfig.resolve(self.base_config, self.fragments, config.directory, self.arch)
+
     def digest(self, config: Config) -> str:
-        """Changes when the gate or a fragment's text does (the base warnings are then stale)."""
-        resolved = BuildConfig.resolve(
-            self.base_config, self.fragments, config.directory, self.arch
-        )
-        return hashlib.sha256(f"{self}\0{resolved.digest()}".encode()).hexdigest()
+        """Changes when the gate or one of its inputs' text does (the base warnings are then
+        stale)."""
+        return hashlib.sha256(f"{self}\0{self.inputs(config).digest()}".encode()).hexdigest()
+
+
+def _meson(config: Config) -> bool:
+    return config.table("build", BUILD).get("kind", "kbuild") == "meson"
 
 
 @dataclass
@@ -144,8 +168,9 @@ class SeriesCheck:
         self.tree = tree
         self.log = log
         self.root = check_dir(tree.path, config.series_key)
-        # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME}: ccache hits are shared
-        self.worktree = self.root / "default-tree" / "linux"
+        # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME} (default-tree-qemu/qemu
+        # for QEMU): ccache hashes paths relative to the common parent, so hits are shared
+        self.worktree = self.root / tree.path.parent.name / tree.path.name
 
     def commits(self, base_ref: str, branch: str) -> tuple[str, list[tuple[str, str]]]:
         """The base sha and the series' (sha, subject) pairs, oldest first."""
@@ -239,11 +264,15 @@ class SeriesCheck:
         self._checkout(base)
         self.log(f"check: {gate.name}: building the base {base[:12]} in full")
         made = self._make(gate, out)
-        if made.error:
+        if made.error and gate.base_builds:
+            where = self.config.where.table("check").rows("gate")
             raise ToolkitError(
                 f"check {gate.name}: the base {base[:12]} does not build: {made.error}",
-                f"see {out / 'kseries' / 'build.log'}; fix the gate in configs/toolkit.toml",
+                f"see {out / 'kseries' / 'build.log'}; fix the gate in {where.file()}, or set "
+                "base_builds = false there if the series' first patch is the build fix",
             )
+        if made.error:
+            self.log(f"check: {gate.name}: the base does not build (base_builds = false)")
         stamp.write_text(
             json.dumps({"base": base, "gate": digest, "warnings": sorted(made.warnings)})
         )

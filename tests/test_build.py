@@ -143,6 +143,20 @@ def failure(lines: list[str], tree: Path = Path("/src/linux")) -> ToolkitError:
     return build.failure(lines, 2, Path("/b/kseries/build.log"), tree, Path("/b"), target)
 
 
+def test_compiles_are_counted_from_kbuild_ninja_and_gcc_lines() -> None:
+    """`invoke check` shows how many objects a commit recompiled, whoever printed them."""
+    from kseries.build.failure import output
+
+    printed = [
+        "  CC      arch/x86/kvm/mmu/mmu.o",
+        "[1/5] Generating qemu-version.h with a custom command",
+        "[2/3] Compiling C object libqemu-x86_64-softmmu.a.p/target_i386_svm_helper.c.o",
+        "[3/3] Linking target qemu-system-x86_64",
+        "gcc -O2 -c -o x86/memory_fault_exit_test.o x86/memory_fault_exit_test.c",
+    ]
+    assert output(printed) == ((), 3)
+
+
 def test_failure_summary_compile_error_relative_to_the_build_dir() -> None:
     error = failure(
         [

@@ -6,6 +6,7 @@ nothing mocked.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -67,6 +68,29 @@ def test_a_bad_gate_is_refused_before_any_build(tmp_path: Path) -> None:
     with pytest.raises(ToolkitError) as e:
         check.Gate.load_all(Config.load(configs))
     assert "toolkit.toml [[check.gate]] #1" in e.value.message and "wat" in e.value.message
+
+
+def test_a_qemu_series_gate_is_its_own_meson_build(tmp_path: Path) -> None:
+    """The QEMU series' gates build [build.meson]'s configuration: a target only; a kernel
+    build's settings in one are refused, naming the file, the row and the key. The QEMU
+    series' base does not build there (its patch 1 is the fix): base_builds = false."""
+    for name in ("qemu", "outer-qemu"):
+        (gate,) = check.Gate.load_all(Config.load(PROJECT / "configs", name))
+        assert (gate.target, gate.base_config, gate.fragments) == ("qemu-system-x86_64", "", ())
+        assert gate.base_builds == (name == "outer-qemu")  # the QEMU series' patch 1 fixes it
+    configs = tmp_path / "configs"
+    shutil.copytree(PROJECT / "configs" / "qemu", configs / "qemu")
+    (configs / "series.toml").write_text("")
+    toolkit = configs / "qemu" / "toolkit.toml"
+    text = toolkit.read_text().replace(
+        "base_builds = false\n", 'base_builds = false\nfragments = ["kvm"]\n'
+    )
+    assert text != toolkit.read_text()
+    toolkit.write_text(text)
+    with pytest.raises(ToolkitError) as e:
+        check.Gate.load_all(Config.load(configs, "qemu"))
+    assert e.value.message.startswith(f"{toolkit} [[check.gate]] #1: fragments")
+    assert "meson" in e.value.message and "target only" in e.value.hint
 
 
 @pytest.mark.slow

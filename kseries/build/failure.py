@@ -15,8 +15,9 @@ from kseries.errors import ToolkitError
 STEP = re.compile(r"^  ([A-Z][A-Z0-9_-]*(?: \[M\])?) +(\S+)")
 # gcc's "file:line[:col]: warning: text"
 WARNING = re.compile(r"^(?P<file>[^\s:][^:]*):\d+(?::\d+)?: warning: (?P<text>.+)$")
-# a compile: kbuild's quiet "  CC  path" line, or the selftests' full gcc command
-COMPILE = re.compile(r"^  CC |^\S*(gcc|cc|clang)\s.*\s-c\s")
+# a compile: kbuild's quiet "  CC  path" line, ninja's "[n/N] Compiling C object" (meson), or
+# the selftests' full gcc command
+COMPILE = re.compile(r"^  CC |^\[\d+/\d+\] Compiling |^\S*(gcc|cc|clang)\s.*\s-c\s")
 
 
 def output(lines: Sequence[str]) -> tuple[tuple[str, ...], int]:
