@@ -29,12 +29,12 @@ from kseries import build as build_stage
 from kseries import records
 from kseries.build import WARNING, BuildConfig, BuildError
 from kseries.build.meson import MesonConfig
-from kseries.build.orchestrate import BUILD
+from kseries.build.orchestrate import meson_config
 from kseries.config import BOOLEAN, STRING, STRINGS, Config, Keys, Rows
 from kseries.core.files import exclusive
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import check_dir
+from kseries.paths import check_dir, worktree_dir
 from kseries.series import Series
 
 Log = Callable[[str], None]
@@ -81,7 +81,7 @@ class Gate:
         if not tables:
             where = config.where.table("check").rows("gate")
             raise where.error(None, "no gates", "add a [[check.gate]] table")
-        meson = _meson(config)
+        meson = meson_config(config) is not None
         gates = []
         for index, table in enumerate(tables):
             where = config.where.table("check").row("gate", index)
@@ -111,20 +111,15 @@ class Gate:
 
     def inputs(self, config: Config) -> BuildConfig | MesonConfig:
         """What the gate builds from besides the tree (every file checked)."""
-        if _meson(config):
-            return MesonConfig.resolve(
-                config.table("build", BUILD).get("meson", {}), config.directory
-            )
+        meson = meson_config(config)
+        if meson is not None:
+            return meson
         return BuildConfig.resolve(self.base_config, self.fragments, config.directory, self.arch)
 
     def digest(self, config: Config) -> str:
         """Changes when the gate or one of its inputs' text does (the base warnings are then
         stale)."""
         return hashlib.sha256(f"{self}\0{self.inputs(config).digest()}".encode()).hexdigest()
-
-
-def _meson(config: Config) -> bool:
-    return config.table("build", BUILD).get("kind", "kbuild") == "meson"
 
 
 @dataclass
@@ -168,9 +163,7 @@ class SeriesCheck:
         self.tree = tree
         self.log = log
         self.root = check_dir(tree.path, config.series_key)
-        # laid out like ~/.cache/kseries/{default-tree/linux,build/NAME} (default-tree-qemu/qemu
-        # for QEMU): ccache hashes paths relative to the common parent, so hits are shared
-        self.worktree = self.root / tree.path.parent.name / tree.path.name
+        self.worktree = worktree_dir(self.root, tree.path)
 
     def commits(self, base_ref: str, branch: str) -> tuple[str, list[tuple[str, str]]]:
         """The base sha and the series' (sha, subject) pairs, oldest first."""

@@ -10,11 +10,11 @@ entries apart, so a stage never builds a cache path of its own. The layout:
     testbox/NAME/          a local box's console log, keys and state
     testbox/build/TREE-KEY/  the test programs built against a tree
     testbox/compare/TREE-KEY/  the --compare reference's worktree, and a build per series
+    testbox/lava/          the LAVA ramdisk and its keys
+    distro/SUITE/          the grub-reboot box's Debian disk image
 
 Two series may share one tree (the QEMU series and the pair box's outer QEMU both build the
 embedded QEMU tree, configured differently): their build directories carry the series' key.
-    testbox/lava/          the LAVA ramdisk and its keys
-    distro/SUITE/          the grub-reboot box's Debian disk image
 """
 
 import hashlib
@@ -60,6 +60,13 @@ def last_build_pointer() -> Path:
 
 def check_dir(tree: Path, series: str = "") -> Path:
     return cache_dir() / "check" / (tree_key(tree) + series_suffix(series))
+
+
+def worktree_dir(root: Path, tree: Path) -> Path:
+    """Where a stage under `root` keeps its detached worktree of `tree`: laid out like
+    ~/.cache/kseries/{default-tree/linux,build/NAME} (default-tree-qemu/qemu for QEMU), as the
+    build stage makes ccache hash paths relative to the common parent, so the two share hits."""
+    return root / tree.parent.name / tree.name
 
 
 def testbox_dir(name: str = "") -> Path:

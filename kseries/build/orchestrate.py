@@ -98,6 +98,15 @@ def check_kernel_tree(path: Path) -> None:
         )
 
 
+def meson_config(config: Config) -> MesonConfig | None:
+    """The series' [build.meson] configuration (every file checked), or None for a kernel
+    build (kind = "kbuild", the default)."""
+    settings = config.table("build", BUILD)
+    if settings.get("kind", "kbuild") != "meson":
+        return None
+    return MesonConfig.resolve(settings.get("meson", {}), config.directory)
+
+
 def build(
     config: Config,
     *,
@@ -166,15 +175,16 @@ class Build:
         self.started = time.monotonic()  # the manifest's wall time counts the checks too
         self.log, self.verbose, self.console, self.set_last = log, verbose, console, set_last
         settings = config.table("build", BUILD)
-        self.meson = settings.get("kind", "kbuild") == "meson"
+        meson = meson_config(config)
+        self.meson = meson is not None
         self.config: BuildConfig | MesonConfig
-        if self.meson:
+        if meson is not None:
             if fragments or base_config or arch or distcc:
                 raise ToolkitError(
                     "--fragments, --base-config, --arch and --distcc are for kernel builds",
                     "this series' build is configured by [build.meson] in its toolkit.toml",
                 )
-            self.config = MesonConfig.resolve(settings.get("meson", {}), config.directory)
+            self.config = meson
         else:
             self.config = BuildConfig.resolve(
                 base_config or settings.get("base_config") or "tinyconfig",

@@ -109,6 +109,13 @@ class QemuSettings:
     # needs "single": multi-threaded TCG loses nested-SVM state under memslot churn (README).
     tcg_thread: str = "multi"
 
+    @property
+    def series(self) -> str:
+        """The series whose QEMU this box runs (binary = "series:NAME"), or ""."""
+        if self.binary.startswith(SERIES_BINARY):
+            return self.binary.removeprefix(SERIES_BINARY)
+        return ""
+
 
 @dataclass(frozen=True)
 class Box:
@@ -215,7 +222,7 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
             if getattr(qemu, key) not in words:
                 allowed = f"{', '.join(words[:-1])} or {words[-1]}"
                 raise where.table("qemu").error(key, f"{key} must be {allowed}", "see the file")
-        _check_series_binary(qemu.binary, directory, where.table("qemu"))
+        _check_series_binary(qemu, directory, where.table("qemu"))
     timeouts = Timeouts(**{k: float(v) for k, v in table.get("timeouts", {}).items()})
     _check_kvm_params(table, method, where)
     if qemu is None:
@@ -248,15 +255,15 @@ def parse_box(name: str, table: dict[str, Any], directory: Path, where: Where | 
     )
 
 
-def _check_series_binary(binary: str, directory: Path, where: Where) -> None:
-    if not binary.startswith(SERIES_BINARY):
+def _check_series_binary(qemu: QemuSettings, directory: Path, where: Where) -> None:
+    if not qemu.binary.startswith(SERIES_BINARY):
         return
-    name = binary.removeprefix(SERIES_BINARY)
-    if "/" in name or not (directory / name / "series.toml").is_file():
+    name = qemu.series
+    if not name or "/" in name or not (directory / name / "series.toml").is_file():
         series = sorted(p.parent.name for p in directory.glob("*/series.toml"))
         raise where.error(
             "binary",
-            f"binary {binary!r}: no series {name!r} (no {directory / name / 'series.toml'})",
+            f"binary {qemu.binary!r}: no series {name!r} (no {directory / name / 'series.toml'})",
             f"series that build a QEMU here: {', '.join(series) or 'none'}",
         )
 

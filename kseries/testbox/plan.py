@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kseries.config import STRINGS, Keys, Rows
 from kseries.testbox import suite
-from kseries.testbox.box import SERIES_BINARY, TestboxConfig
+from kseries.testbox.box import TestboxConfig
 
 PIPELINE = Keys({"run": Rows(Keys({"boxes": STRINGS, "tests": STRINGS}))})
 
@@ -54,8 +54,8 @@ def series_used(settings: TestboxConfig, plan: Sequence[TestRun]) -> list[str]:
     known = suite.load_tests(settings)
     for run in plan:
         for box in (settings.box(name) for name in run.boxes):
-            if box.qemu is not None and box.qemu.binary.startswith(SERIES_BINARY):
-                names[box.qemu.binary.removeprefix(SERIES_BINARY)] = None
+            if box.qemu is not None and box.qemu.series:
+                names[box.qemu.series] = None
     for run in plan:
         for spec in suite.select(known, run.tests):
             for source in spec.files.values():

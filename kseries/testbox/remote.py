@@ -27,9 +27,9 @@ from kseries.core.files import output_dir as checked_output_dir
 from kseries.core.run import run
 from kseries.errors import ToolkitError
 from kseries.gitrepo import WorkTree
-from kseries.paths import PROJECT, compare_dir, series_suffix
+from kseries.paths import PROJECT, compare_dir, series_suffix, worktree_dir
 from kseries.testbox import kernel, suite
-from kseries.testbox.box import SERIES_BINARY, Box, TestboxConfig
+from kseries.testbox.box import Box, TestboxConfig
 from kseries.testbox.group import Group
 from kseries.testbox.lavajob import LavaSession, cancel_all
 from kseries.testbox.qemu import QemuBox
@@ -64,10 +64,7 @@ def build_at(config: Config, tree: Path, sha: str, what: str, log: Log) -> Manif
     incrementally, one build directory per series. It is not "the last build": that pointer
     stays on the kernel under test."""
     base = compare_dir(tree)
-    # Laid out like ~/.cache/kseries/{default-tree/linux,build/NAME} (default-tree-qemu/qemu
-    # for QEMU): the build stage makes ccache hash paths relative to the common parent, so
-    # the two share cache hits.
-    worktree = base / tree.parent.name / tree.name
+    worktree = worktree_dir(base, tree)
     from kseries import build as build_stage
 
     # One build at a time per tree: the worktree's checkout is this build's input.
@@ -130,9 +127,9 @@ class SeriesBuilder:
         series built at its tip by the build stage, with its firmware (BUILD/firmware) first
         on QEMU's -L path."""
         qemu = box.qemu
-        if qemu is None or not qemu.binary.startswith(SERIES_BINARY):
+        if qemu is None or not qemu.series:
             return box
-        image = self(qemu.binary.removeprefix(SERIES_BINARY), None)
+        image = self(qemu.series, None)
         firmware = image.parent / FIRMWARE_DIR
         first = ("-L", str(firmware)) if firmware.is_dir() else ()
         built = replace(qemu, binary=str(image), extra_args=(*first, *qemu.extra_args))
